@@ -1,0 +1,192 @@
+"""`fgvr <command> [overrides]`: dispatch to the Hydra app (or plain command) behind each command.
+
+Heavy imports (torch, timm, wandb) happen inside the commands, so `fgvr --help` answers at once.
+Errors a user can cause end in one line on stderr: exit code 2 for a bad config or override,
+1 for bad data or files. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+USAGE = """\
+usage: fgvr <command> [hydra overrides] [--help]
+
+commands:
+  train   train (or resume) a run composed from configs/  e.g. fgvr train +experiment=cub data.root=DIR
+  eval    re-evaluate a checkpoint on the test split        e.g. fgvr eval ckpt=outputs/<date>/<run dir>
+
+`fgvr <command> --help` lists the config groups and the composed config;
+`fgvr train --cfg job` prints the config without running.
+"""
+
+COMMANDS = ("train", "eval")
+log = logging.getLogger("fgvr")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command in ("-V", "--version"):
+        from fgvr import __version__
+
+        print(f"fgvr {__version__}")
+        return
+    if command not in COMMANDS:
+        print(f"fgvr: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (fgvr --help)", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # Hydra then lets exceptions through instead of printing a trimmed traceback itself, so
+    # that user errors can be reported here in one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = [f"fgvr {command}", *rest]
+    try:
+        _hydra_app(command)()
+    except Exception as e:
+        _exit_on_user_error(command, e)
+        raise
+
+
+def _exit_on_user_error(command: str, e: Exception) -> None:
+    """Print a user error in one line and exit; return if `e` is a bug (its traceback then shows)."""
+    message, code = user_error(e)
+    if message is not None:
+        print(f"fgvr {command}: error: {message}", file=sys.stderr)
+        sys.exit(code)
+
+
+def _hydra_app(command: str):
+    import hydra
+
+    from fgvr.config import config_dir, register_schemas
+
+    register_schemas()
+    task = {"train": _train_task, "eval": _eval_task}[command]
+    return hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)
+
+
+def _train_task(cfg) -> float | None:
+    from fgvr.engine.trainer import train
+    from fgvr.tracking.run import run_info
+
+    run = run_info()
+    try:
+        results = train(cfg, run)
+    except Exception as e:
+        if not _is_multirun():
+            _exit_on_user_error("train", e)
+            raise
+        message, _ = user_error(e)  # a sweep goes on with its other runs; results.json says why
+        log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
+        return None
+    log.info("test acc %.2f%% | %s", results["test_acc"], run.dir)
+    return results["test_acc"]
+
+
+def _eval_task(cfg) -> None:
+    from fgvr.engine.evaluate import evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(cfg)
+    except Exception as e:
+        _exit_on_user_error("eval", e)
+        raise
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def user_error(e: BaseException) -> tuple[str | None, int]:
+    """(one-line message, exit code) for an error the user can fix, or (None, 0) for a bug."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fgvr.errors import FgvrError
+
+    if isinstance(e, FgvrError):
+        return str(e), e.exit_code
+    if isinstance(e, MissingConfigException):
+        return _missing_option(e), 2
+    if isinstance(e, OverrideParseException):
+        return f"{_first_line(e)} (overrides look like key=value, +key=value or group=option)", 2
+    if isinstance(e, ConfigCompositionException):
+        cause = e.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            return _omegaconf_error(cause), 2
+        return _first_line(e), 2
+    if isinstance(e, OmegaConfBaseException):
+        return _omegaconf_error(e), 2
+    return None, 0
+
+
+def _missing_option(e) -> str:
+    """'backbone=foo: no such option; choose one of ...' from Hydra's MissingConfigException."""
+    match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(e))
+    if not match:
+        return _first_line(e)
+    group, option = match.groups()
+    options = sorted(e.options or _group_options(group))
+    add = "+" if group == "experiment" else ""
+    return f"{add}{group}={option}: no such option; choose one of {', '.join(options)}"
+
+
+def _group_options(group: str) -> list[str]:
+    from fgvr.config import config_dir
+
+    return [p.stem for p in (config_dir() / group).glob("*.yaml")]
+
+
+def _omegaconf_error(e) -> str:
+    """A wrong key or a wrong type, with the key's full name and what it accepts."""
+    key = getattr(e, "full_key", None) or ""
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if "not in struct" in msg or "not in '" in msg or type(e).__name__ == "ConfigKeyError":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _valid_keys(parent)
+        hint = f"; valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
+        return f"{key or msg}: no such config key{hint}"
+    enum = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", msg)
+    if enum:
+        return f"{key}={enum.group(1)}: choose one of {enum.group(2).replace(chr(39), '')}"
+    if "could not be converted" in msg or "Value '" in msg:
+        return f"{key}: {msg}"
+    return f"{key}: {msg}" if key else msg
+
+
+def _valid_keys(parent: str) -> list[str]:
+    """Keys the schema allows under a dotted path (empty if unknown)."""
+    import dataclasses
+
+    from fgvr.config import TrainConfig
+
+    node = TrainConfig
+    for part in filter(None, parent.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = fields[part].type if not isinstance(fields[part].type, str) else _resolve(node, part)
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+
+
+def _resolve(owner, name: str):
+    import typing
+
+    return typing.get_type_hints(owner)[name]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+if __name__ == "__main__":
+    main()

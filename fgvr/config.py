@@ -1,0 +1,161 @@
+"""The config schema: typed dataclasses Hydra validates every composed config against.
+
+`configs/train.yaml` lists `fgvr_train` first in its defaults, so a wrong key, a value of the
+wrong type or an enum value that does not exist fails at composition, before any work starts.
+Groups whose keys depend on the chosen class (head, selector, texture) are checked when they
+are instantiated instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+def config_dir() -> Path:
+    """The configs/ folder: inside the package when installed as a wheel, else the repo's."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a GradScaler
+
+
+class DataFormat(Enum):
+    cub = "cub"
+    folder = "folder"
+    csv = "csv"
+
+
+class OptimName(Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # any timm model name, optionally with a pretrained tag
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # local weights file; implies pretrained
+    drop_path_rate: float = 0.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = True
+    trivial_augment: bool = False
+    random_erasing: float = 0.0  # probability
+
+
+@dataclass
+class SynthConfig:
+    num_classes: int = 10
+    train_per_class: int = 160
+    test_per_class: int = 40
+    image_size: int = 96
+    distractors: int = 3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # name in reports
+    format: DataFormat = MISSING  # which reader parses root
+    root: Optional[str] = None
+    img_size: int = 224
+    resize_ratio: float = 1.34  # train: square resize to ratio*img_size, then random crop
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
+    num_workers: Optional[int] = None  # default: min(8, cores)
+    val_fraction: float = 0.1
+    skip_bad: bool = False
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synth: Optional[SynthConfig] = None
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    warmup_steps: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    accum_steps: int = 1
+    grad_clip: Optional[float] = None  # max gradient norm
+    label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None  # e.g. 0.9998; evaluation then uses the EMA weights
+    compile: bool = False
+    deterministic: bool = False
+    eval_every: int = 1  # epochs between val evaluations
+    log_every: int = 50  # steps between train log events
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "fgvr"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; default: online iff credentials exist
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = MISSING  # generated data sets
+
+
+@dataclass
+class TrainConfig:
+    name: str = MISSING
+    seed: int = 0
+    resume: str = "auto"  # auto | never | /path/to/checkpoint.pt
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    selector: Any = None
+    texture: Any = None
+    head: Any = None
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING  # a run dir or a .pt file
+    split: str = "test"  # test | val
+    device: str = "auto"
+    batch_size: Optional[int] = None
+    data_root: Optional[str] = None  # where the data lives now, if it moved
+
+
+def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="fgvr_train", node=TrainConfig)
+    cs.store(name="fgvr_eval", node=EvalConfig)

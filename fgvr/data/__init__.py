@@ -1,0 +1,1 @@
+"""Data: readers (one per file format) -> records -> dataset -> loaders."""

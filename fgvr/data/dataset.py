@@ -1,0 +1,184 @@
+"""Image loading, the dataset, the seeded val split and the loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fgvr.config import DataConfig, DataFormat
+from fgvr.data.readers import READERS, Records, Splits
+from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
+from fgvr.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads only contend
+
+_END_MARKERS = {b"\xff\xd8": b"\xff\xd9", b"\x89P": b"IEND\xaeB`\x82"}  # JPEG EOI, PNG IEND
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode an image file to RGB uint8 (grayscale, palette, RGBA and CMYK included).
+
+    Raises DataError naming the file when it is missing, unreadable or truncated."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
+    end = _END_MARKERS.get(data[:2])
+    if end is not None and end not in data[-64:]:
+        raise DataError(f"{path}: truncated image file (no end marker); re-extract or re-download it")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{path}: not a decodable image; remove it or set data.skip_bad=true")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageDataset(Dataset):
+    """Records + an albumentations transform -> (uint8 CHW image, label).
+
+    Keys are (index, epoch) pairs from EpochSampler, or plain indices. Augmentation randomness
+    is seeded from (seed, epoch, index), so a batch does not depend on the number of workers
+    and a resumed epoch sees exactly the images an uninterrupted run would have seen."""
+
+    def __init__(self, records: Records, transform, seed: int = 0, skip_bad: bool = False):
+        self.records, self.transform, self.seed, self.skip_bad = records, transform, seed, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        try:
+            image = load_image(self.records.paths[index])
+        except DataError:
+            if self.skip_bad:
+                return None
+            raise
+        seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+        self.transform.set_random_seed(int(seed))
+        image = self.transform(image=image)["image"]
+        return to_chw_tensor(image), int(self.records.labels[index])
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack a batch, dropping samples that failed to load (data.skip_bad); returns the count."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise DataError("a whole batch of images failed to load; check the data set files")
+    images = torch.stack([b[0] for b in kept])
+    labels = torch.tensor([b[1] for b in kept], dtype=torch.int64)
+    return images, labels, len(batch) - len(kept)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch): a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        return ((i, self.epoch) for i in order)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): `fraction` of every class (at least one when fraction > 0) goes to val."""
+    if fraction <= 0:
+        return np.arange(len(labels)), np.arange(0)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+        val.append(rng.choice(idx, k, replace=False))
+    val_idx = np.sort(np.concatenate(val)) if val else np.arange(0)
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
+
+
+def check_files(records: Records, split: str, skip_bad: bool) -> Records:
+    """Fail fast on missing files (or drop them with data.skip_bad=true)."""
+    exists = np.fromiter((os.path.isfile(p) for p in records.paths), bool, len(records))
+    if exists.all():
+        return records
+    missing = records.paths[~exists]
+    if not skip_bad:
+        raise DataError(f"{missing[0]}: image file not found ({len(missing)} of {len(records)} {split} images "
+                        "missing); check data.root, or set data.skip_bad=true to skip them")
+    log.warning("skipping %d missing %s images (data.skip_bad=true), e.g. %s", len(missing), split, missing[0])
+    return records.subset(np.flatnonzero(exists))
+
+
+def read_splits(cfg: DataConfig, cache_dir: str) -> Splits:
+    """Parse the data set's annotation files (generating the synthetic set on first use)."""
+    root = cfg.root
+    if cfg.synth is not None and root is None:
+        from fgvr.data.synth import generate, synth_root
+
+        root = synth_root(cache_dir, cfg.synth)
+        if not (root / "images.txt").is_file():
+            log.info("generating the synthetic data set in %s (once)", root)
+        generate(root, cfg.synth)
+    if root is None:
+        raise ConfigError(f"data.root is not set; pass data.root=/path/to/{cfg.name}")
+    fmt = cfg.format.value if isinstance(cfg.format, DataFormat) else cfg.format
+    if fmt == "csv":
+        return READERS[fmt](root, cfg.train_csv, cfg.test_csv)
+    return READERS[fmt](root)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader
+    classes: list[str]
+
+
+def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool) -> Loaders:
+    splits = read_splits(cfg, cache_dir)
+    train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
+    parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
+    parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def loader(name: str, train: bool) -> DataLoader | None:
+        records = parts[name]
+        if len(records) == 0:
+            return None
+        tf = train_transform(cfg.img_size, cfg.resize_ratio, cfg.augment) if train else eval_transform(
+            cfg.img_size, cfg.resize_ratio)
+        ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad)
+        sampler = EpochSampler(len(records), shuffle=train, seed=seed)
+        return DataLoader(ds, batch_size=cfg.batch_size if train else eval_bs, sampler=sampler,
+                          drop_last=train and len(records) > cfg.batch_size, **common)
+
+    train = loader("train", True)
+    if train is None:
+        raise DataError(f"data.root={cfg.root}: the train split is empty")
+    test = loader("test", False)
+    if test is None:
+        raise DataError(f"data.root={cfg.root}: the test split is empty")
+    return Loaders(train, loader("val", False), test, splits.classes)

@@ -1,0 +1,161 @@
+"""Readers: one function per data set format, each returning the official splits as records.
+
+A reader only parses annotation files; it never opens images. Labels are 0-based and
+contiguous; boxes are (x1, y1, x2, y2) in the original image's pixels, NaN where unknown.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fgvr.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Records:
+    """A split as parallel arrays (cheap to share with loader workers, unlike lists of objects)."""
+
+    paths: np.ndarray  # (N,) str, absolute
+    labels: np.ndarray  # (N,) int64
+    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2, NaN if unknown
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Records":
+        return Records(self.paths[index], self.labels[index], self.boxes[index])
+
+
+@dataclass
+class Splits:
+    train: Records
+    test: Records
+    classes: list[str]
+
+
+def make_records(paths: list[str], labels: list[int], boxes: list | None = None) -> Records:
+    n = len(paths)
+    box_arr = np.full((n, 4), np.nan, np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(n, 4)
+    return Records(np.asarray(paths, dtype=str), np.asarray(labels, np.int64), box_arr)
+
+
+def _table(path: Path, columns: int, hint: str) -> list[list[str]]:
+    """Rows of a whitespace-separated annotation file, each with at least `columns` fields."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; {hint}")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=columns - 1) if columns == 2 else line.split()
+        if len(fields) < columns:
+            raise DataError(f"{path}:{lineno}: expected {columns} fields, got {line!r}")
+        rows.append(fields)
+    return rows
+
+
+def read_cub(root: str | Path) -> Splits:
+    """CUB-200-2011 layout: images.txt, image_class_labels.txt, train_test_split.txt,
+    classes.txt, bounding_boxes.txt (optional) and images/."""
+    root = Path(root)
+    hint = f"data.root={root} must be a CUB-200-2011 folder (the one holding images.txt and images/)"
+    if not root.is_dir():
+        raise DataError(f"data.root={root}: no such folder; point it at the extracted CUB_200_2011 folder")
+    images = {i: p for i, p in _table(root / "images.txt", 2, hint)}
+    labels = {i: int(c) for i, c in _table(root / "image_class_labels.txt", 2, hint)}
+    is_train = {i: s == "1" for i, s in _table(root / "train_test_split.txt", 2, hint)}
+    class_rows = _table(root / "classes.txt", 2, hint)
+    class_ids = sorted(int(c) for c, _ in class_rows)
+    names = {int(c): n for c, n in class_rows}
+    to_index = {c: k for k, c in enumerate(class_ids)}
+    boxes = {}
+    if (root / "bounding_boxes.txt").is_file():
+        for i, *xywh in _table(root / "bounding_boxes.txt", 5, hint):
+            x, y, w, h = map(float, xywh[:4])
+            boxes[i] = (x, y, x + w, y + h)
+    nan_box = (np.nan,) * 4
+    split: dict[bool, tuple[list, list, list]] = {True: ([], [], []), False: ([], [], [])}
+    for i, rel in images.items():
+        if i not in labels or i not in is_train:
+            raise DataError(f"{root}: image id {i} ({rel}) has no label or no split entry")
+        if labels[i] not in to_index:
+            raise DataError(f"{root / 'image_class_labels.txt'}: class {labels[i]} of image {i} not in classes.txt")
+        p, l, b = split[is_train[i]]
+        p.append(str(root / "images" / rel))
+        l.append(to_index[labels[i]])
+        b.append(boxes.get(i, nan_box))
+    return Splits(make_records(*split[True]), make_records(*split[False]), [names[c] for c in class_ids])
+
+
+def read_folder(root: str | Path) -> Splits:
+    """root/train/<class>/<image> and root/test/<class>/<image>; classes from train, sorted."""
+    root = Path(root)
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise DataError(f"data.root={root}: missing {part}/ folder; expected {root}/{part}/<class>/<image>")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class folders")
+    index = {c: k for k, c in enumerate(classes)}
+
+    def scan(part: str) -> Records:
+        paths, labels = [], []
+        for d in sorted((root / part).iterdir()):
+            if not d.is_dir():
+                continue
+            if d.name not in index:
+                raise DataError(f"{d}: class folder not present under {root / 'train'}")
+            files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += [str(f) for f in files]
+            labels += [index[d.name]] * len(files)
+        return make_records(paths, labels)
+
+    return Splits(scan("train"), scan("test"), classes)
+
+
+def read_csv(root: str | Path, train_csv: str = "train.csv", test_csv: str = "test.csv") -> Splits:
+    """CSV lists with a header: `path,label` and optionally `x,y,w,h` (box) columns.
+
+    Labels may be class names or integers; either way the sorted distinct values become 0..K-1."""
+    root = Path(root)
+    tables = {}
+    for part, name in (("train", train_csv), ("test", test_csv)):
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; set data.root or data.{part}_csv")
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"path", "label"} - set(rows[0].keys() if rows else ())
+        if missing:
+            raise DataError(f"{path}: needs a header with columns path,label (missing {', '.join(sorted(missing))})")
+        tables[part] = (path, rows)
+    raw = [r["label"] for _, rows in tables.values() for r in rows]
+    numeric = all(s.strip().lstrip("-").isdigit() for s in raw)
+    classes = [str(c) for c in sorted({int(s) for s in raw})] if numeric else sorted(set(raw))
+    index = {c: k for k, c in enumerate(classes)}
+
+    def records(path: Path, rows: list[dict]) -> Records:
+        has_box = {"x", "y", "w", "h"} <= set(rows[0])
+        paths, labels, boxes = [], [], []
+        for lineno, r in enumerate(rows, 2):
+            label = str(int(r["label"])) if numeric else r["label"]
+            paths.append(str(root / r["path"]))
+            labels.append(index[label])
+            try:
+                x, y, w, h = (float(r[k]) for k in "xywh") if has_box else (np.nan,) * 4
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: box columns x,y,w,h must be numbers") from None
+            boxes.append((x, y, x + w, y + h))
+        return make_records(paths, labels, boxes)
+
+    return Splits(records(*tables["train"]), records(*tables["test"]), classes)
+
+
+READERS: dict[str, Callable[..., Splits]] = {"cub": read_cub, "folder": read_folder, "csv": read_csv}

@@ -1,0 +1,66 @@
+"""albumentations pipelines. They return uint8 CHW tensors: normalisation happens on the device."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from fgvr.config import AugmentConfig
+
+
+def trivial_augment() -> A.BaseCompose:
+    """TrivialAugment-style: one op chosen uniformly per image, with a random magnitude."""
+    ops = [
+        A.NoOp(),
+        A.Affine(rotate=(-30, 30), p=1.0),
+        A.Affine(shear={"x": (-17, 17), "y": (0, 0)}, p=1.0),
+        A.Affine(shear={"x": (0, 0), "y": (-17, 17)}, p=1.0),
+        A.Affine(translate_percent={"x": (-0.3, 0.3), "y": (0, 0)}, p=1.0),
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.3, 0.3)}, p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=0.9, contrast_limit=0, p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=0, contrast_limit=0.9, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0, saturation=0.9, hue=0, p=1.0),
+        A.Sharpen(alpha=(0.1, 0.9), p=1.0),
+        A.Posterize(num_bits=(2, 8), p=1.0),
+        A.Solarize(threshold_range=(0.0, 1.0), p=1.0),
+        A.AutoContrast(p=1.0),
+        A.Equalize(p=1.0),
+    ]
+    return A.OneOf(ops, p=1.0)
+
+
+def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig) -> A.Compose:
+    """Square resize to resize_ratio * S, random crop S, flip, TrivialAugment, random erasing."""
+    resize = round(img_size * resize_ratio)
+    ops: list = [A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.RandomCrop(img_size, img_size)]
+    if aug.hflip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if aug.trivial_augment:
+        ops.append(trivial_augment())
+    if aug.random_erasing > 0:
+        ops.append(A.Erasing(fill="random", p=aug.random_erasing))
+    return A.Compose(ops)
+
+
+def eval_transform(img_size: int, resize_ratio: float) -> A.Compose:
+    """Square resize to resize_ratio * S, centre crop S."""
+    resize = round(img_size * resize_ratio)
+    return A.Compose([A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.CenterCrop(img_size, img_size)])
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class Normalize(torch.nn.Module):
+    """uint8 (B,3,H,W) on the device -> float, mean/std normalised (the backbone's statistics)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std

@@ -1,0 +1,1 @@
+"""Training engine: the loop, optimisers and schedules, checkpoints."""

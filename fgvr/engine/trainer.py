@@ -1,0 +1,299 @@
+"""The training loop, in one file: data, forward, loss, backward, clip, step, schedule, log,
+evaluate, checkpoint. Features are flags in `cfg.trainer`, not callbacks.
+
+A run dir holds everything: `.hydra/` (the resolved config), `metrics.jsonl`, `checkpoints/
+{last,best}.pt` and, at the end, `results.json`. Relaunching with the same run dir resumes
+from `checkpoints/last.pt` (resume=auto)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from fgvr.config import Precision
+from fgvr.data.dataset import build_loaders
+from fgvr.engine import checkpoint
+from fgvr.engine.optim import build_optimizer, build_scheduler
+from fgvr.errors import ConfigError, FgvrError
+from fgvr.models.model import build_model
+from fgvr.tracking.console import EpochProgress
+from fgvr.tracking.run import RunInfo, RunLogger, git_sha, versions
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed run may change; any other difference means it is a different run.
+RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
+                     "trainer.compile", "trainer.limit_eval_batches", "data.root", "data.num_workers",
+                     "data.eval_batch_size", "logger", "resume", "paths", "name")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={spec}: CUDA is not available here; use trainer.device=cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: Precision | str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32."""
+    precision = Precision(precision)
+    if precision is Precision.auto:
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config containers."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b, key = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume == "auto":
+        return last if last.is_file() else None
+    if resume == "never":
+        if last.is_file():
+            raise ConfigError(f"{last} exists: this run dir already holds a run; resume=auto continues it, "
+                              "or give a new hydra.run.dir")
+        return None
+    path = Path(resume)
+    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, a run dir or a .pt file")
+    return path
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
+             limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) and img/s over a loader; one host-device sync."""
+    model.eval()
+    totals = torch.zeros(3, device=device)  # loss sum, top-1 hits, top-5 hits
+    n, start = 0, time.perf_counter()
+    for i, (images, labels, _) in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)[0].float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()])
+        n += len(labels)
+    loss, top1, top5 = totals.tolist()
+    elapsed = time.perf_counter() - start
+    n = max(n, 1)
+    return {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
+
+
+def train(cfg: DictConfig, run: RunInfo) -> dict:
+    """Train (or resume) the run that `cfg` describes in `run.dir`; returns results.json's content."""
+    start_time = time.time()
+    t = cfg.trainer
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    ckpt_path = find_checkpoint(cfg.resume, run.dir)
+    state = checkpoint.load(ckpt_path) if ckpt_path else None
+    if state is not None:
+        changed = [k for k in config_diff(state["config"], config)
+                   if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+        if changed:
+            raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
+                              "the same config, or start a new run with another hydra.run.dir")
+
+    results: dict = {
+        "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
+        "backbone_config": run.choices.get("backbone"), "selector": run.choices.get("selector", "none"),
+        "texture": run.choices.get("texture", "none"), "head": run.choices.get("head"), "seed": cfg.seed,
+        "img_size": cfg.data.img_size, "epochs": t.epochs, "run_dir": str(run.dir), "git_sha": git_sha(),
+        "versions": versions(),
+    }
+    tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None)
+    try:
+        results |= _fit(cfg, run, config, state, tracker)
+        results["status"] = "finished"
+    except BaseException as e:
+        results |= {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        raise
+    finally:
+        results["wall_time_s"] = round(time.time() - start_time + (state or {}).get("wall_time_s", 0.0), 2)
+        tracker.finish(results)
+    return results
+
+
+def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger) -> dict:
+    t = cfg.trainer
+    seed_everything(cfg.seed, t.deterministic)
+    device = resolve_device(t.device)
+    amp = autocast_dtype(t.precision, device)
+
+    # Data and model.
+    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda")
+    num_classes = len(loaders.classes)
+    model = build_model(cfg, num_classes).to(device)
+    channels_last = device.type == "cuda" and not model.backbone.is_transformer
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    batches = len(loaders.train) if t.limit_train_batches is None else min(t.limit_train_batches, len(loaders.train))
+    steps_per_epoch = max(batches // t.accum_steps, 1)
+    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s",
+             cfg.data.name, num_classes, len(loaders.train.dataset),
+             len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset),
+             cfg.backbone.name, params_m, device, amp or torch.float32)
+
+    # Optimisation.
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * t.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+    epoch, step, best = 0, 0, {"acc": -math.inf, "epoch": None}
+    if state is not None:
+        if state["num_classes"] != num_classes:
+            raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {num_classes}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        epoch, step, best = state["epoch"], state["step"], state["best"]
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d (step %d)", run.dir / "checkpoints" / "last.pt", epoch, step)
+    forward = torch.compile(model) if t.compile else model
+    eval_model = ema.module if ema is not None else model
+    fit_start = time.time()
+
+    def save(name: str) -> None:
+        checkpoint.atomic_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step, "best": best,
+            "rng": checkpoint.rng_state(), "config": config, "num_classes": num_classes,
+            "classes": loaders.classes, "wandb_id": tracker.wandb_id,
+            "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
+        }, run.dir / "checkpoints" / f"{name}.pt")
+
+    # The loop.
+    epoch_rates, skipped = [], 0
+    while epoch < t.epochs:
+        model.train()
+        loaders.train.sampler.set_epoch(epoch)
+        optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(2, device=device)  # loss sum, hits since the last log event
+        seen = seen_log = 0
+        epoch_start = tick = time.perf_counter()
+        with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch) as progress:
+            for i, (images, labels, bad) in enumerate(loaders.train):
+                if i >= steps_per_epoch * t.accum_steps:
+                    break
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits, _ = forward(images)
+                    loss = criterion(logits.float(), labels)
+                scaler.scale(loss / t.accum_steps).backward()
+                sums += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
+                seen += len(labels)
+                skipped += bad
+                if (i + 1) % t.accum_steps:
+                    continue
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                scheduler.step_update(step)
+                if ema is not None:
+                    ema.update(model, step=step)
+                progress.advance()
+                if step % t.log_every == 0:  # the only host-device sync of the training step
+                    loss_sum, hits = sums.tolist()
+                    now, n = time.perf_counter(), seen - seen_log
+                    event = dict(step=step, epoch=epoch + 1, split="train", loss=loss_sum / n, acc=100 * hits / n,
+                                 lr=optimizer.param_groups[0]["lr"], img_per_s=n / (now - tick))
+                    tracker.log(**event)
+                    progress.show(event)
+                    if not progress.live:
+                        log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", epoch + 1,
+                                 step, event["loss"], event["acc"], event["lr"], event["img_per_s"])
+                    sums.zero_()
+                    seen_log, tick = seen, now
+        epoch_rates.append((seen, time.perf_counter() - epoch_start))
+        epoch += 1
+
+        if loaders.val is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
+            val = evaluate(eval_model, loaders.val, device, amp, t.limit_eval_batches, channels_last)
+            tracker.log(step=step, epoch=epoch, split="val", **val)
+            if val["acc"] > best["acc"]:
+                best = {"acc": val["acc"], "epoch": epoch}
+                save("best")
+            log.info("epoch %d | val acc %.2f%% (best %.2f%% at epoch %d) | loss %.4f", epoch, val["acc"],
+                     best["acc"], best["epoch"], val["loss"])
+        save("last")
+
+    if skipped:
+        log.warning("skipped %d unreadable training images (data.skip_bad=true)", skipped)
+    test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last)
+    tracker.log(step=step, epoch=epoch, split="test", **test)
+    log.info("test acc %.2f%% (top-5 %.2f%%) on %d images", test["acc"], test["top5"], len(loaders.test.dataset))
+    timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
+    return {
+        "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,
+        "best_epoch": best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "train_img_per_s": sum(n for n, _ in timed) / sum(s for _, s in timed) if timed else None,
+        "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
+        "params_m": round(params_m, 3), "steps": step,
+        "skipped_images": skipped,
+    }

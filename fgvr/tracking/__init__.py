@@ -1,0 +1,1 @@
+"""Run files (the source of truth) and their W&B mirror."""

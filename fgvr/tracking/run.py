@@ -1,0 +1,132 @@
+"""A run's files: metrics.jsonl (one JSON object per event) and results.json, mirrored to W&B.
+
+The run dir is the source of truth; W&B only mirrors it, so logger=none loses nothing but the
+web view."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    """Where a run lives and what Hydra chose for it."""
+
+    dir: Path
+    name: str  # display name: experiment name + overrides
+    group: str | None = None  # the sweep, for multiruns
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option
+
+
+def run_info() -> RunInfo:
+    """The current Hydra job's run: its dir (created), display name, sweep group and choices."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    choices = {k: v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
+    overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "+experiment=", "experiment="))]
+    name = " ".join([choices.get("experiment") or run_dir.name.split("_", 1)[-1], *overrides])
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    return RunInfo(run_dir, name, group, choices)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def wandb_mode(requested: str | None) -> str:
+    """online when credentials exist, else offline (announced once); never a login prompt."""
+    if requested:
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    log.info("W&B: no credentials (WANDB_API_KEY or `wandb login`), logging offline; "
+             "upload later with `wandb sync <run dir>/wandb/offline-run-*`")
+    return "offline"
+
+
+class RunLogger:
+    """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb."""
+
+    def __init__(self, run: RunInfo, logger_cfg, config: dict, wandb_id: str | None = None):
+        self.run = run
+        self.metrics = open(run.dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = None
+        if logger_cfg.name == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=logger_cfg.project, entity=logger_cfg.entity, name=run.name, group=run.group,
+                tags=list(logger_cfg.tags), config=config, dir=str(run.dir), id=wandb_id, resume="allow",
+                mode=wandb_mode(logger_cfg.mode), settings=wandb.Settings(console="off", quiet=True),
+            )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def log(self, **event: Any) -> None:
+        event = {k: _clean(v) for k, v in event.items()}
+        self.metrics.write(json.dumps(event) + "\n")
+        if self.wandb is not None:
+            split = event.get("split", "train")
+            values = {f"{split}/{k}": v for k, v in event.items()
+                      if k not in ("split", "step") and isinstance(v, (int, float)) and v is not None}
+            self.wandb.log(values, step=event["step"])
+
+    def finish(self, results: dict) -> None:
+        write_json(self.run.dir / "results.json", results)
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish(exit_code=0 if results.get("status") == "finished" else 1)
+
+
+def git_sha() -> str | None:
+    """The commit of the fgvr checkout (with '-dirty' if it has local changes), if any."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) if sha else None
+
+
+def versions() -> dict[str, str | None]:
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}

@@ -172,8 +172,11 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool) 
             cfg.img_size, cfg.resize_ratio)
         ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad)
         sampler = EpochSampler(len(records), shuffle=train, seed=seed)
+        # Its own generator: worker seeds never draw from (and shift) the global torch RNG,
+        # so a resumed run continues with the same random stream as an uninterrupted one.
         return DataLoader(ds, batch_size=cfg.batch_size if train else eval_bs, sampler=sampler,
-                          drop_last=train and len(records) > cfg.batch_size, **common)
+                          drop_last=train and len(records) > cfg.batch_size,
+                          generator=torch.Generator().manual_seed(seed), **common)
 
     train = loader("train", True)
     if train is None:

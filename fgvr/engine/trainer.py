@@ -153,7 +153,8 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
         "img_size": cfg.data.img_size, "epochs": t.epochs, "run_dir": str(run.dir), "git_sha": git_sha(),
         "versions": versions(),
     }
-    tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None)
+    tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
+                        resume_step=state["step"] if state else None)
     try:
         results |= _fit(cfg, run, config, state, tracker)
         results["status"] = "finished"

@@ -52,6 +52,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_events(path: str | Path) -> list[dict]:
+    """The events of a metrics.jsonl; a line cut short by a kill is left out."""
+    events = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
 def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -77,9 +88,17 @@ def wandb_mode(requested: str | None) -> str:
 class RunLogger:
     """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb."""
 
-    def __init__(self, run: RunInfo, logger_cfg, config: dict, wandb_id: str | None = None):
+    def __init__(self, run: RunInfo, logger_cfg, config: dict, wandb_id: str | None = None,
+                 resume_step: int | None = None):
         self.run = run
-        self.metrics = open(run.dir / "metrics.jsonl", "a", buffering=1)
+        path = run.dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            # Events after the checkpoint come from work the resumed run redoes: drop them.
+            kept = [e for e in read_events(path) if e["step"] <= resume_step and e["split"] != "test"]
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            os.replace(tmp, path)
+        self.metrics = open(path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.name == "wandb":
             import wandb
@@ -115,8 +134,8 @@ def git_sha() -> str | None:
     """The commit of the fgvr checkout (with '-dirty' if it has local changes), if any."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):

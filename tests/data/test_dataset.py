@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgvr.config import DataConfig, DataFormat
+from fgvr.data.dataset import ImageDataset, build_loaders, check_files, collate, load_image, stratified_split
+from fgvr.data.readers import make_records
+from fgvr.data.transforms import eval_transform, train_transform
+from fgvr.config import AugmentConfig
+from fgvr.errors import ConfigError, DataError
+
+
+@pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".jpg"), ("P", ".png"), ("RGBA", ".png"),
+                                         ("CMYK", ".jpg"), ("LA", ".png"), ("I;16", ".png")])
+def test_load_image_converts_every_mode_to_rgb(tmp_path, mode, suffix):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :15] = (200, 40, 10)
+    image = Image.fromarray(rgb).convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 256)
+    path = tmp_path / f"img{suffix}"
+    image.save(path)
+    out = load_image(str(path))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    if mode in ("RGB", "P", "RGBA"):  # lossless or near: the colour survives
+        assert abs(int(out[10, 5, 0]) - 200) < 12 and abs(int(out[10, 5, 2]) - 10) < 12
+    if mode == "CMYK":  # decoded to RGB, not left in CMYK or inverted
+        assert out[10, 5, 0] > 150 and out[10, 25].max() < 40
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="missing.jpg: cannot read"):
+        load_image(str(tmp_path / "missing.jpg"))
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(DataError, match="junk.jpg: not a decodable image"):
+        load_image(str(junk))
+    full = tmp_path / "full.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(full)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(DataError, match="cut.jpg: truncated"):
+        load_image(str(cut))
+
+
+def test_skip_bad_drops_broken_images_and_counts_them(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    records = make_records([str(good), str(bad)], [0, 1])
+    ds = ImageDataset(records, eval_transform(8, 1.0), skip_bad=True)
+    images, labels, skipped = collate([ds[0], ds[1]])
+    assert images.shape == (1, 3, 8, 8) and labels.tolist() == [0] and skipped == 1
+    with pytest.raises(DataError, match="bad.png"):
+        ImageDataset(records, eval_transform(8, 1.0))[1]
+
+
+def test_check_files_missing(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    records = make_records([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], [0, 0])
+    with pytest.raises(DataError, match="b.jpg: image file not found .1 of 2 train"):
+        check_files(records, "train", skip_bad=False)
+    assert len(check_files(records, "train", skip_bad=True)) == 1
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    labels = np.repeat(np.arange(5), 20)
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert len(val) == 10 and np.bincount(labels[val]).tolist() == [2] * 5
+    assert not set(train) & set(val) and len(train) + len(val) == 100
+    assert np.array_equal(val, stratified_split(labels, 0.1, seed=3)[1])
+    assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])
+    assert len(stratified_split(labels, 0.0, seed=3)[1]) == 0
+
+
+def test_augmentation_depends_on_seed_epoch_index_not_on_worker(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(path)
+    records = make_records([str(path)] * 2, [0, 0])
+    tf = train_transform(16, 1.5, AugmentConfig(hflip=True, trivial_augment=True, random_erasing=0.5))
+    ds = ImageDataset(records, tf, seed=1)
+    a = ds[(0, 0)][0]
+    assert (a == ImageDataset(records, train_transform(16, 1.5, AugmentConfig(True, True, 0.5)), seed=1)[(0, 0)][0]).all()
+    assert any((a != ds[(0, e)][0]).any() for e in range(1, 5))  # a new epoch draws new crops
+
+
+def test_build_loaders_on_cub_layout(cub_root):
+    cfg = DataConfig(name="cub", format=DataFormat.cub, root=str(cub_root), img_size=24, batch_size=4,
+                     num_workers=0, val_fraction=0.25)
+    loaders = build_loaders(cfg, "unused", seed=0, pin_memory=False)
+    assert len(loaders.train.dataset) + len(loaders.val.dataset) == 12 and len(loaders.test.dataset) == 6
+    images, labels, skipped = next(iter(loaders.train))
+    assert images.shape == (4, 3, 24, 24) and images.dtype.is_floating_point is False and skipped == 0
+
+
+def test_build_loaders_without_root_is_a_config_error():
+    cfg = DataConfig(name="cub", format=DataFormat.cub, root=None)
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        build_loaders(cfg, "unused", seed=0, pin_memory=False)

@@ -148,8 +148,12 @@ def _group_options(group: str) -> list[str]:
 
 def _omegaconf_error(e) -> str:
     """A wrong key or a wrong type, with the key's full name and what it accepts."""
+    from omegaconf.errors import MissingMandatoryValue
+
     key = getattr(e, "full_key", None) or ""
     msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if isinstance(e, MissingMandatoryValue):
+        return f"{key} is required: pass {key}=..."
     if "not in struct" in msg or "not in '" in msg or type(e).__name__ == "ConfigKeyError":
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = _valid_keys(parent)

@@ -1,0 +1,162 @@
+"""The training loop: run files, checkpoints, resume, evaluation, options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgvr.engine import checkpoint
+from fgvr.errors import ConfigError
+from fgvr.tracking.run import read_events
+from tests.conftest import TINY, fgvr
+
+RESULT_KEYS = {"status", "dataset", "backbone", "selector", "texture", "head", "seed", "img_size", "epochs",
+               "num_classes", "best_val_acc", "best_epoch", "test_acc", "test_top5", "train_img_per_s",
+               "eval_img_per_s", "peak_mem_mb", "wall_time_s", "params_m", "git_sha", "versions"}
+
+
+def test_train_writes_the_run_files(train_run):
+    results, run_dir = train_run("trainer.epochs=3", choices={"selector": "none", "head": "linear"})
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and RESULT_KEYS <= saved.keys()
+    assert saved["status"] == "finished" and saved["num_classes"] == 4 and saved["epochs"] == 3
+    assert saved["selector"] == "none" and saved["head"] == "linear" and saved["steps"] == 3 * 5
+    assert 0 <= saved["test_acc"] <= 100 and saved["test_top5"] == 100.0  # 4 classes: top-5 is everything
+    assert saved["train_img_per_s"] > 0 and saved["params_m"] > 0 and set(saved["versions"]) >= {"torch", "timm"}
+    events = read_events(run_dir / "metrics.jsonl")
+    assert {e["split"] for e in events} == {"train", "val", "test"}
+    train = [e for e in events if e["split"] == "train"]
+    assert [e["step"] for e in train] == list(range(2, 16, 2))
+    assert {"step", "epoch", "loss", "acc", "lr", "img_per_s"} <= train[0].keys()
+    assert [e["epoch"] for e in events if e["split"] == "val"] == [1, 2, 3]
+    assert 1 <= saved["best_epoch"] <= 3
+    best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    assert best["epoch"] == saved["best_epoch"] and checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 3
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_checkpoint_holds_everything_to_resume(train_run):
+    _, run_dir = train_run("trainer.epochs=1", "trainer.ema_decay=0.9", "logger=wandb")
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config", "wandb_id"):
+        assert state[key] is not None, key
+    assert state["config"]["trainer"]["ema_decay"] == 0.9 and state["classes"][0].startswith("001.")
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # no credentials here: offline, no prompt
+
+
+def test_learns_the_synthetic_set(train_run):
+    """A tiny CNN at 32 px gets far above chance (25 %) in seconds (the tiny ViT needs more steps
+    than a fast test has; the slow test of the default run covers it)."""
+    results, _ = train_run("backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false",
+                           "trainer.epochs=8", "data.synth.train_per_class=60", "optim.lr=2e-3")
+    assert results["test_acc"] >= 75, results["test_acc"]
+
+
+@pytest.mark.parametrize("options", [
+    ["optim=sgd", "optim.lr=0.05", "trainer.grad_clip=1.0", "trainer.label_smoothing=0.1"],
+    ["trainer.accum_steps=2", "trainer.ema_decay=0.99"],
+    ["trainer.precision=bf16"],
+    ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false"],
+    ["data.val_fraction=0"],
+])
+def test_options_train(train_run, options):
+    results, run_dir = train_run("trainer.epochs=1", *options)
+    assert results["status"] == "finished" and results["test_acc"] >= 0
+    if "data.val_fraction=0" in options:
+        assert results["best_val_acc"] is None and not (run_dir / "checkpoints" / "best.pt").exists()
+    if "trainer.accum_steps=2" in options:
+        assert results["steps"] == 2  # 5 batches -> 2 optimizer steps
+
+
+def test_failed_run_writes_failed_results(train_run, tmp_path):
+    with pytest.raises(ConfigError):
+        train_run("backbone.name=not_a_model")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "failed" and "not_a_model" in saved["error"]
+
+
+def test_resume_refuses_other_settings(train_run, tmp_path):
+    train_run("trainer.epochs=1")
+    with pytest.raises(ConfigError, match=r"trained with other settings \(optim.lr\)"):
+        train_run("trainer.epochs=2", "optim.lr=0.1")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_run("resume=never")
+    results, _ = train_run("trainer.epochs=2", "trainer.log_every=1000")  # more epochs: allowed, continues
+    assert results["steps"] == 10
+
+
+def _kill_after_first_epoch(args: list[str], run_dir: Path, cwd: Path) -> None:
+    """Start `fgvr train`, SIGKILL it once checkpoints/last.pt exists (as a preemption would)."""
+    exe = Path(sys.executable).with_name("fgvr")
+    proc = subprocess.Popen([str(exe), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (run_dir / "results.json").exists(), "the run ended before it could be killed"
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    common = ["train", *TINY, "trainer.epochs=4", "trainer.deterministic=true", "trainer.log_every=1",
+              "data.synth.train_per_class=40", "data.num_workers=1"]
+    fgvr(*common, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+
+    run_dir = tmp_path / "cut"
+    _kill_after_first_epoch([*common, f"hydra.run.dir={run_dir}"], run_dir, tmp_path)
+    killed_at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
+    assert 1 <= killed_at < 4
+    out = fgvr(*common, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch {killed_at}" in out.stdout + out.stderr
+
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    cut = json.loads((run_dir / "results.json").read_text())
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps"):
+        assert cut[key] == whole[key], key
+    strip = lambda events: [{k: v for k, v in e.items() if k != "img_per_s"} for e in events]  # noqa: E731
+    assert strip(read_events(run_dir / "metrics.jsonl")) == strip(read_events(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_eval_reproduces_the_test_accuracy(tmp_path):
+    run_dir = tmp_path / "run"
+    fgvr("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    out = fgvr("eval", f"ckpt={run_dir}", cwd=tmp_path)
+    evaluated = json.loads((run_dir / "eval_test.json").read_text())
+    assert evaluated["acc"] == pytest.approx(results["test_acc"]) and evaluated["epoch"] == 2
+    assert f"test acc {results['test_acc']:.2f}%" in out.stdout
+    fgvr("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "split=val", cwd=tmp_path)
+    assert json.loads((run_dir / "eval_val.json").read_text())["acc"] == pytest.approx(results["best_val_acc"])
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".log"]
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = fgvr("eval", f"ckpt={bad}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a readable checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_train_meets_the_bar(tmp_path):
+    """`fgvr train` with no arguments: under 2 minutes here, test accuracy >= 3x chance."""
+    start = time.time()
+    fgvr("train", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    elapsed = time.time() - start
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    chance = 100 / results["num_classes"]
+    print(f"fgvr train: {elapsed:.1f} s, test acc {results['test_acc']:.1f}%, {results['train_img_per_s']:.0f} img/s")
+    assert results["test_acc"] >= 3 * chance and elapsed < 120
+
+
+@pytest.mark.slow
+def test_compile_trains(train_run):
+    results, _ = train_run("trainer.epochs=1", "trainer.compile=true")
+    assert results["status"] == "finished"

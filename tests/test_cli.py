@@ -1,0 +1,100 @@
+"""The command line as a user meets it: help, config printing, composition and bad input."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fgvr.config import config_dir
+from tests.conftest import TINY, fgvr
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def test_top_level_help_is_instant(tmp_path):
+    fgvr("--help", cwd=tmp_path)  # warm the file cache
+    start = time.perf_counter()
+    out = fgvr("--help", cwd=tmp_path).stdout
+    assert time.perf_counter() - start < 1.0
+    assert "train" in out and "eval" in out
+
+
+def test_unknown_command(tmp_path):
+    proc = fgvr("trian", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unknown command 'trian'; choose one of train, eval" in proc.stderr
+
+
+def test_train_help_lists_groups(tmp_path):
+    out = fgvr("train", "--help", cwd=tmp_path).stdout
+    for group in ("backbone:", "selector:", "texture:", "head:", "data:", "optim:", "logger:", "experiment:"):
+        assert group in out
+    assert "vit_b16" in out and "+experiment=cub" in out
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = fgvr("train", "--cfg", "job", "backbone=resnet50", "data.img_size=448", cwd=tmp_path).stdout
+    assert "name: resnet50.a1_in1k" in out and "img_size: 448" in out
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, vit_b16, vit_micro, vit_tiny"),
+    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, folder, synth"),
+    ("+experiment=nope", "+experiment=nope: no such option; choose one of cub"),
+    ("trainer.epoch=3", "trainer.epoch: no such config key; valid keys under trainer: accum_steps,"),
+    ("foo=1", "foo: no such config key; valid keys: backbone, data,"),
+    ("trainer.epochs=abc", "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("data.batch_size=1.5", "data.batch_size: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("trainer.precision=fp8", "trainer.precision=fp8: choose one of auto, fp32, bf16, fp16"),
+    ("optim.name=lion", "optim.name=lion: choose one of sgd, adamw"),
+    ("seed=[1", "overrides look like key=value"),
+    ("data=cub", "data.root is not set; pass data.root=/path/to/cub"),
+    ("head.bogus=3", "head.bogus: no such config key"),
+])
+def test_bad_overrides_end_in_one_line_with_exit_code_2(tmp_path, override, message):
+    proc = fgvr("train", override, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert lines[0].startswith("fgvr train: error: ") and message in lines[0], lines[0]
+
+
+def test_bad_data_root_is_one_line_naming_it(tmp_path):
+    proc = fgvr("train", "data=cub", f"data.root={tmp_path / 'nope'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"fgvr train: error: data.root={tmp_path / 'nope'}: no such folder; point it at the extracted "
+        "CUB_200_2011 folder"]
+
+
+def test_eval_errors(tmp_path):
+    proc = fgvr("eval", f"ckpt={tmp_path / 'none'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no such file or run dir" in proc.stderr
+    proc = fgvr("eval", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "fgvr eval: error: ckpt is required: pass ckpt=..."
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(compose, experiment):
+    cfg = compose(f"+experiment={experiment}")
+    assert cfg.name and cfg.backbone.name and cfg.data.format
+
+
+def test_cub_experiment_is_the_reference_recipe(compose):
+    cfg = compose("+experiment=cub")
+    assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.drop_path_rate == 0.1
+    assert (cfg.optim.name.value, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 0.0)
+    assert (cfg.optim.warmup_steps, cfg.optim.warmup_lr, cfg.optim.min_lr) == (500, 1e-6, 1e-5)
+    assert (cfg.data.img_size, cfg.data.batch_size, cfg.trainer.epochs) == (224, 8, 50)
+    assert (cfg.trainer.grad_clip, cfg.trainer.label_smoothing) == (1.0, 0.1)
+    assert cfg.data.augment.trivial_augment and cfg.data.augment.random_erasing == 0.3 and cfg.data.augment.hflip
+    assert round(cfg.data.img_size * cfg.data.resize_ratio) == 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
+    """Each experiment file with its backbone swapped for a tiny one, on a CUB-layout fixture."""
+    fgvr("train", f"+experiment={experiment}", f"data.root={cub_root}", "data=cub", *TINY[:4],
+         "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0",
+         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert '"status": "finished"' in (tmp_path / "run" / "results.json").read_text()

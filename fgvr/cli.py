@@ -85,7 +85,6 @@ def _train_task(cfg) -> float | None:
         message, _ = user_error(e)  # a sweep goes on with its other runs; results.json says why
         log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
         return None
-    log.info("test acc %.2f%% | %s", results["test_acc"], run.dir)
     return results["test_acc"]
 
 

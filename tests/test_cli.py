@@ -1,5 +1,6 @@
 """The command line as a user meets it: help, config printing, composition and bad input."""
 
+import json
 import time
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def test_eval_errors(tmp_path):
     assert proc.returncode == 2 and "no such file or run dir" in proc.stderr
     proc = fgvr("eval", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "fgvr eval: error: ckpt is required: pass ckpt=..."
+
+
+def test_run_dirs_single_and_multirun(tmp_path):
+    fgvr("train", *TINY, "trainer.epochs=1", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs").glob("20*/*_synth")  # outputs/<date>/<time>_<name>
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "results.json").is_file()
+    out = fgvr("train", "--multirun", *TINY, "trainer.epochs=1", "seed=1,2", cwd=tmp_path)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("20*/*_synth")
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert [r["seed"] for r in results] == [1, 2] and all(r["status"] == "finished" for r in results)
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -288,7 +288,8 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         log.warning("skipped %d unreadable training images (data.skip_bad=true)", skipped)
     test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last)
     tracker.log(step=step, epoch=epoch, split="test", **test)
-    log.info("test acc %.2f%% (top-5 %.2f%%) on %d images", test["acc"], test["top5"], len(loaders.test.dataset))
+    log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"],
+             len(loaders.test.dataset), run.dir)
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     return {
         "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,

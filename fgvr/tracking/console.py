@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import sys
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 class EpochProgress:
-    def __init__(self, description: str, total: int, enabled: bool | None = None):
+    def __init__(self, description: str, total: int, enabled: bool | None = None, console: Console | None = None):
         self.live = sys.stdout.isatty() if enabled is None else enabled
         self.progress = None
         if self.live:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=True)
+                                     TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=True,
+                                     console=console)
             self.task = self.progress.add_task(description, total=total, stats="")
 
     def __enter__(self) -> "EpochProgress":

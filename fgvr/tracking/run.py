@@ -106,7 +106,7 @@ class RunLogger:
             self.wandb = wandb.init(
                 project=logger_cfg.project, entity=logger_cfg.entity, name=run.name, group=run.group,
                 tags=list(logger_cfg.tags), config=config, dir=str(run.dir), id=wandb_id, resume="allow",
-                mode=wandb_mode(logger_cfg.mode), settings=wandb.Settings(console="off", quiet=True),
+                mode=wandb_mode(logger_cfg.mode), settings=wandb.Settings(console="off", silent=True),
             )
 
     @property

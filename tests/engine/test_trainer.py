@@ -62,6 +62,7 @@ def test_learns_the_synthetic_set(train_run):
     ["optim=sgd", "optim.lr=0.05", "trainer.grad_clip=1.0", "trainer.label_smoothing=0.1"],
     ["trainer.accum_steps=2", "trainer.ema_decay=0.99"],
     ["trainer.precision=bf16"],
+    ["trainer.precision=fp16"],  # with a GradScaler
     ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false"],
     ["data.val_fraction=0"],
 ])

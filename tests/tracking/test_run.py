@@ -1,0 +1,50 @@
+import json
+import logging
+
+from omegaconf import OmegaConf
+
+from fgvr.tracking.run import RunInfo, RunLogger, read_events, wandb_mode, write_json
+
+
+def test_wandb_mode_never_prompts(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with caplog.at_level(logging.INFO):
+        assert wandb_mode(None) == "offline"
+    assert len(caplog.records) == 1 and "logging offline" in caplog.text
+    assert wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(None) == "offline"
+
+
+def test_resumed_run_continues_the_same_wandb_run(train_run):
+    _, run_dir = train_run("trainer.epochs=1", "logger=wandb")
+    train_run("trainer.epochs=2", "logger=wandb")
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
+
+
+def test_resume_drops_events_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    events = [{"step": s, "split": sp} for s, sp in [(5, "train"), (10, "val"), (15, "train"), (10, "test")]]
+    path.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 20, "spl')  # cut by a kill
+    assert len(read_events(path)) == 4
+    logger = RunLogger(RunInfo(tmp_path, "x"), OmegaConf.create({"name": "none"}), {}, resume_step=10)
+    logger.log(step=11, split="train", loss=float("nan"))
+    logger.finish({"status": "finished"})
+    assert read_events(path) == events[:2] + [{"step": 11, "split": "train", "loss": None}]
+    assert json.loads((tmp_path / "results.json").read_text()) == {"status": "finished"}
+
+
+def test_write_json_is_atomic(tmp_path):
+    write_json(tmp_path / "r.json", {"a": 1})
+    write_json(tmp_path / "r.json", {"a": 2})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

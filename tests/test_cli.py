@@ -1,6 +1,9 @@
 """The command line as a user meets it: help, config printing, composition and bad input."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,3 +113,16 @@ def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
          "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0",
          f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert '"status": "finished"' in (tmp_path / "run" / "results.json").read_text()
+
+
+def test_seed_sweep_script(tmp_path, cub_root):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "seed_sweep.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([str(script), "cub", str(cub_root), *TINY[:4], "backbone.pretrained=false",
+                           "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("20*/*_cub")
+    assert sorted(json.loads((sweep / str(i) / "results.json").read_text())["seed"] for i in range(3)) == [1, 10, 100]
+    usage = subprocess.run([str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr and "cub" in usage.stderr

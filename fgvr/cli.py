@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _exit_on_user_error(command: str, e: Exception) -> None:
     """Print a user error in one line and exit; return if `e` is a bug (its traceback then shows)."""
-    message, code = user_error(e)
+    message, code = user_error(e, command)
     if message is not None:
         print(f"fgvr {command}: error: {message}", file=sys.stderr)
         sys.exit(code)
@@ -75,14 +75,14 @@ def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
     from fgvr.tracking.run import run_info
 
-    run = run_info()
+    run = run_info(cfg.name)
     try:
         results = train(cfg, run)
     except Exception as e:
         if not _is_multirun():
             _exit_on_user_error("train", e)
             raise
-        message, _ = user_error(e)  # a sweep goes on with its other runs; results.json says why
+        message, _ = user_error(e, "train")  # a sweep goes on with its other runs; results.json says why
         log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
         return None
     return results["test_acc"]
@@ -105,7 +105,7 @@ def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def user_error(e: BaseException) -> tuple[str | None, int]:
+def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
     """(one-line message, exit code) for an error the user can fix, or (None, 0) for a bug."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
@@ -118,13 +118,12 @@ def user_error(e: BaseException) -> tuple[str | None, int]:
         return _missing_option(e), 2
     if isinstance(e, OverrideParseException):
         return f"{_first_line(e)} (overrides look like key=value, +key=value or group=option)", 2
-    if isinstance(e, ConfigCompositionException):
-        cause = e.__cause__
-        if isinstance(cause, OmegaConfBaseException):
-            return _omegaconf_error(cause), 2
-        return _first_line(e), 2
+    if isinstance(e, ConfigCompositionException) and isinstance(e.__cause__, OmegaConfBaseException):
+        e = e.__cause__
     if isinstance(e, OmegaConfBaseException):
-        return _omegaconf_error(e), 2
+        return _omegaconf_error(e, command), 2
+    if isinstance(e, ConfigCompositionException):
+        return _first_line(e), 2
     return None, 0
 
 
@@ -134,57 +133,43 @@ def _missing_option(e) -> str:
     if not match:
         return _first_line(e)
     group, option = match.groups()
-    options = sorted(e.options or _group_options(group))
+    from fgvr.config import config_dir
+
+    options = sorted(e.options or (p.stem for p in (config_dir() / group).glob("*.yaml")))
     add = "+" if group == "experiment" else ""
     return f"{add}{group}={option}: no such option; choose one of {', '.join(options)}"
 
 
-def _group_options(group: str) -> list[str]:
-    from fgvr.config import config_dir
-
-    return [p.stem for p in (config_dir() / group).glob("*.yaml")]
-
-
-def _omegaconf_error(e) -> str:
-    """A wrong key or a wrong type, with the key's full name and what it accepts."""
-    from omegaconf.errors import MissingMandatoryValue
+def _omegaconf_error(e, command: str) -> str:
+    """A missing value, a wrong key or a wrong type, with the key's full name and what it accepts."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
     key = getattr(e, "full_key", None) or ""
-    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    msg = _first_line(e)
     if isinstance(e, MissingMandatoryValue):
         return f"{key} is required: pass {key}=..."
-    if "not in struct" in msg or "not in '" in msg or type(e).__name__ == "ConfigKeyError":
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        valid = _valid_keys(parent)
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rpartition(".")[0]
+        valid = _schema_keys(command, parent)
         hint = f"; valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
         return f"{key or msg}: no such config key{hint}"
     enum = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", msg)
     if enum:
         return f"{key}={enum.group(1)}: choose one of {enum.group(2).replace(chr(39), '')}"
-    if "could not be converted" in msg or "Value '" in msg:
-        return f"{key}: {msg}"
     return f"{key}: {msg}" if key else msg
 
 
-def _valid_keys(parent: str) -> list[str]:
-    """Keys the schema allows under a dotted path (empty if unknown)."""
+def _schema_keys(command: str, parent: str) -> list[str]:
+    """The keys the command's schema (fgvr/config.py) allows under a dotted path; [] if it is free-form."""
     import dataclasses
-
-    from fgvr.config import TrainConfig
-
-    node = TrainConfig
-    for part in filter(None, parent.split(".")):
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            return []
-        node = fields[part].type if not isinstance(fields[part].type, str) else _resolve(node, part)
-    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
-
-
-def _resolve(owner, name: str):
     import typing
 
-    return typing.get_type_hints(owner)[name]
+    from fgvr.config import EvalConfig, TrainConfig
+
+    node = {"train": TrainConfig, "eval": EvalConfig}[command]
+    for part in filter(None, parent.split(".")):
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
 
 
 def _first_line(e: BaseException) -> str:

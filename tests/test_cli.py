@@ -73,6 +73,9 @@ def test_bad_data_root_is_one_line_naming_it(tmp_path):
 def test_eval_errors(tmp_path):
     proc = fgvr("eval", f"ckpt={tmp_path / 'none'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no such file or run dir" in proc.stderr
+    proc = fgvr("eval", "ckpt=x", "splt=val", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fgvr eval: error: splt: no such config key; valid keys: batch_size, ckpt, data_root, device, split")
     proc = fgvr("eval", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "fgvr eval: error: ckpt is required: pass ckpt=..."
 

@@ -182,7 +182,10 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         model = model.to(memory_format=torch.channels_last)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     batches = len(loaders.train) if t.limit_train_batches is None else min(t.limit_train_batches, len(loaders.train))
-    steps_per_epoch = max(batches // t.accum_steps, 1)
+    if batches < t.accum_steps:
+        raise ConfigError(f"trainer.accum_steps={t.accum_steps} is more than the {batches} batches of an epoch; "
+                          "lower it or data.batch_size")
+    steps_per_epoch = batches // t.accum_steps
     log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s",
              cfg.data.name, num_classes, len(loaders.train.dataset),
              len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset),

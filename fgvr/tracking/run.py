@@ -29,8 +29,9 @@ class RunInfo:
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option
 
 
-def run_info() -> RunInfo:
-    """The current Hydra job's run: its dir (created), display name, sweep group and choices."""
+def run_info(name: str) -> RunInfo:
+    """The current Hydra job's run: its dir (created), display name (`name` and the overrides),
+    sweep group and config choices."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -39,9 +40,8 @@ def run_info() -> RunInfo:
     run_dir.mkdir(parents=True, exist_ok=True)
     choices = {k: v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
     overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "+experiment=", "experiment="))]
-    name = " ".join([choices.get("experiment") or run_dir.name.split("_", 1)[-1], *overrides])
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    return RunInfo(run_dir, name, group, choices)
+    return RunInfo(run_dir, " ".join([name, *overrides]), group, choices)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

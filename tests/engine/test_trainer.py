@@ -82,6 +82,11 @@ def test_failed_run_writes_failed_results(train_run, tmp_path):
     assert saved["status"] == "failed" and "not_a_model" in saved["error"]
 
 
+def test_accumulation_longer_than_an_epoch_is_refused(train_run):
+    with pytest.raises(ConfigError, match="trainer.accum_steps=9 is more than the 5 batches of an epoch"):
+        train_run("trainer.accum_steps=9")
+
+
 def test_resume_refuses_other_settings(train_run, tmp_path):
     train_run("trainer.epochs=1")
     with pytest.raises(ConfigError, match=r"trained with other settings \(optim.lr\)"):

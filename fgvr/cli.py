@@ -124,6 +124,10 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
         return _omegaconf_error(e, command), 2
     if isinstance(e, ConfigCompositionException):
         return _first_line(e), 2
+    if isinstance(e, AssertionError) and "Unexpected type for root: NoneType" in str(e):
+        # OmegaConf asserts instead of raising when an override reaches into a null section.
+        return ("an override sets a key inside a section that is null in this config (e.g. data.synth.* with "
+                "data=cub); drop it or pick the option that has that section (fgvr train --cfg job shows them)"), 2
     return None, 0
 
 

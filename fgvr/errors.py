@@ -6,6 +6,13 @@ class FgvrError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str):
+        # A DataLoader worker's error is re-raised in the main process with the worker's
+        # traceback in its message; keep the one line the user needs.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 class ConfigError(FgvrError):
     """A bad config key, value or group choice. Exit code 2."""

@@ -62,7 +62,8 @@ def train_run(compose, tmp_path):
     from fgvr.tracking.run import RunInfo
 
     def _train(*overrides: str, run_dir: Path | None = None, choices: dict | None = None):
-        cfg = compose(*TINY, *overrides)
+        base = TINY if "data=cub" not in overrides else [o for o in TINY if not o.startswith("data.synth.")]
+        cfg = compose(*base, *overrides)
         run = RunInfo(run_dir or tmp_path / "run", "test", choices=choices or {})
         run.dir.mkdir(parents=True, exist_ok=True)
         return train(cfg, run), run.dir

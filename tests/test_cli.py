@@ -54,9 +54,10 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     ("seed=[1", "overrides look like key=value"),
     ("data=cub", "data.root is not set; pass data.root=/path/to/cub"),
     ("head.bogus=3", "head.bogus: no such config key"),
+    ("data=cub data.synth.num_classes=4", "an override sets a key inside a section that is null"),
 ])
 def test_bad_overrides_end_in_one_line_with_exit_code_2(tmp_path, override, message):
-    proc = fgvr("train", override, cwd=tmp_path, check=False)
+    proc = fgvr("train", *override.split(), cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fgvr.engine import checkpoint
-from fgvr.errors import ConfigError
+from fgvr.errors import ConfigError, DataError
 from fgvr.tracking.run import read_events
 from tests.conftest import TINY, fgvr
 
@@ -80,6 +80,17 @@ def test_failed_run_writes_failed_results(train_run, tmp_path):
         train_run("backbone.name=not_a_model")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "failed" and "not_a_model" in saved["error"]
+
+
+def test_broken_image_in_a_worker_is_one_line_or_skipped(train_run, cub_root):
+    images = sorted((cub_root / "images").rglob("*.jpg"))
+    images[1].write_bytes(b"garbage")
+    data = ["data=cub", f"data.root={cub_root}", "data.num_workers=1", "data.batch_size=4", "trainer.epochs=1"]
+    with pytest.raises(DataError) as error:
+        train_run(*data)
+    assert str(error.value) == f"{images[1]}: not a decodable image; remove it or set data.skip_bad=true"
+    results, _ = train_run(*data, "data.skip_bad=true", run_dir=cub_root.parent / "skip")
+    assert results["status"] == "finished" and results["skipped_images"] == 1
 
 
 def test_accumulation_longer_than_an_epoch_is_refused(train_run):

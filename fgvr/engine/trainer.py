@@ -103,6 +103,13 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host batch to the device, asynchronously from pinned memory; channels_last for CNNs."""
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=fmt), labels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
              limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
@@ -113,10 +120,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     for i, (images, labels, _) in enumerate(loader):
         if limit is not None and i >= limit:
             break
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, device, channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(images)[0].float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -238,10 +242,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
             for i, (images, labels, bad) in enumerate(loaders.train):
                 if i >= steps_per_epoch * t.accum_steps:
                     break
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images, labels = to_device(images, labels, device, channels_last)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits, _ = forward(images)
                     loss = criterion(logits.float(), labels)

@@ -3,6 +3,7 @@ import logging
 
 from omegaconf import OmegaConf
 
+from fgvr.engine import checkpoint
 from fgvr.tracking.run import RunInfo, RunLogger, read_events, wandb_mode, write_json
 
 
@@ -26,9 +27,12 @@ def test_wandb_mode_never_prompts(monkeypatch, tmp_path, caplog):
 
 def test_resumed_run_continues_the_same_wandb_run(train_run):
     _, run_dir = train_run("trainer.epochs=1", "logger=wandb")
+    last = run_dir / "checkpoints" / "last.pt"
+    first_id = checkpoint.load(last)["wandb_id"]
     train_run("trainer.epochs=2", "logger=wandb")
-    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
+    assert checkpoint.load(last)["wandb_id"] == first_id and checkpoint.load(last)["epoch"] == 2
+    # offline-run-<time>-<id>: one per launch (one folder if both started in the same second)
+    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")} == {first_id}
 
 
 def test_resume_drops_events_after_the_checkpoint(tmp_path):

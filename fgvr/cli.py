@@ -133,12 +133,12 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
 
 def _missing_option(e) -> str:
     """'backbone=foo: no such option; choose one of ...' from Hydra's MissingConfigException."""
+    from fgvr.config import config_dir
+
     match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(e))
     if not match:
         return _first_line(e)
     group, option = match.groups()
-    from fgvr.config import config_dir
-
     options = sorted(e.options or (p.stem for p in (config_dir() / group).glob("*.yaml")))
     add = "+" if group == "experiment" else ""
     return f"{add}{group}={option}: no such option; choose one of {', '.join(options)}"

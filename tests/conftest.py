@@ -12,6 +12,7 @@ import pytest
 os.environ.update(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", WANDB_SILENT="true")
 
 REPO = Path(__file__).resolve().parents[1]
+FGVR = Path(sys.executable).with_name("fgvr")  # the console script of the venv running the tests
 
 # A run that finishes in seconds on 2 cores: the 4-block ViT at 32 px on a 4-class synthetic set.
 TINY = [
@@ -31,8 +32,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def fgvr(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `fgvr` console script as a user would."""
-    exe = Path(sys.executable).with_name("fgvr")
-    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(FGVR), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"fgvr {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

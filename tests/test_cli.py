@@ -3,14 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fgvr.config import config_dir
-from tests.conftest import TINY, fgvr
+from tests.conftest import FGVR, REPO, TINY, fgvr
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
@@ -120,8 +118,8 @@ def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
 
 
 def test_seed_sweep_script(tmp_path, cub_root):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "seed_sweep.sh"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = REPO / "scripts" / "seed_sweep.sh"
+    env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}"}
     proc = subprocess.run([str(script), "cub", str(cub_root), *TINY[:4], "backbone.pretrained=false",
                            "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

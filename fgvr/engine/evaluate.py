@@ -51,7 +51,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
                         f"the checkpoint was trained on; pass data_root= for the right data set")
     loader = loaders.test if cfg.split == "test" else loaders.val
     if loader is None:
-        raise ConfigError(f"split=val: the run had no val split (data.val_fraction=0); use split=test")
+        raise ConfigError("split=val: the run had no val split (data.val_fraction=0); use split=test")
 
     model = build_model(run_cfg, len(state["classes"])).to(device)
     weights = state["model"]

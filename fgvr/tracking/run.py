@@ -44,12 +44,16 @@ def run_info(name: str) -> RunInfo:
     return RunInfo(run_dir, " ".join([name, *overrides]), group, choices)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary name, then rename: readers never see half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_events(path: str | Path) -> list[dict]:
@@ -95,9 +99,7 @@ class RunLogger:
         if resume_step is not None and path.is_file():
             # Events after the checkpoint come from work the resumed run redoes: drop them.
             kept = [e for e in read_events(path) if e["step"] <= resume_step and e["split"] != "test"]
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
         self.metrics = open(path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.name == "wandb":

@@ -1,20 +1,17 @@
 """The training loop: run files, checkpoints, resume, evaluation, options."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fgvr.engine import checkpoint
 from fgvr.errors import ConfigError, DataError
 from fgvr.tracking.run import read_events
-from tests.conftest import TINY, fgvr
+from tests.conftest import FGVR, TINY, fgvr
 
 RESULT_KEYS = {"status", "dataset", "backbone", "selector", "texture", "head", "seed", "img_size", "epochs",
                "num_classes", "best_val_acc", "best_epoch", "test_acc", "test_top5", "train_img_per_s",
@@ -110,8 +107,7 @@ def test_resume_refuses_other_settings(train_run, tmp_path):
 
 def _kill_after_first_epoch(args: list[str], run_dir: Path, cwd: Path) -> None:
     """Start `fgvr train`, SIGKILL it once checkpoints/last.pt exists (as a preemption would)."""
-    exe = Path(sys.executable).with_name("fgvr")
-    proc = subprocess.Popen([str(exe), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(FGVR), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -152,6 +148,15 @@ def test_eval_reproduces_the_test_accuracy(tmp_path):
     fgvr("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "split=val", cwd=tmp_path)
     assert json.loads((run_dir / "eval_val.json").read_text())["acc"] == pytest.approx(results["best_val_acc"])
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".log"]
+
+
+def test_eval_of_val_without_a_val_split_is_refused(train_run):
+    from fgvr.config import EvalConfig
+    from fgvr.engine.evaluate import evaluate_checkpoint
+
+    _, run_dir = train_run("trainer.epochs=1", "data.val_fraction=0")
+    with pytest.raises(ConfigError, match="split=val: the run had no val split"):
+        evaluate_checkpoint(EvalConfig(ckpt=str(run_dir), split="val"))
 
 
 def test_corrupt_checkpoint_is_one_line(tmp_path):

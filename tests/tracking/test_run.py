@@ -31,8 +31,9 @@ def test_resumed_run_continues_the_same_wandb_run(train_run):
     first_id = checkpoint.load(last)["wandb_id"]
     train_run("trainer.epochs=2", "logger=wandb")
     assert checkpoint.load(last)["wandb_id"] == first_id and checkpoint.load(last)["epoch"] == 2
-    # offline-run-<time>-<id>: one per launch (one folder if both started in the same second)
-    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")} == {first_id}
+    # Every launch wrote offline-run-<time>-<id>[-n]/run-<id>.wandb for the same id.
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files and {f.stem.removeprefix("run-") for f in files} == {first_id}
 
 
 def test_resume_drops_events_after_the_checkpoint(tmp_path):

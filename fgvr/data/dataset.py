@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -42,7 +43,10 @@ def load_image(path: str) -> np.ndarray:
 
 
 class ImageDataset(Dataset):
-    """Records + an albumentations transform -> (uint8 CHW image, label).
+    """Records + an albumentations transform -> (uint8 CHW image, label, box).
+
+    The box is the record's ground-truth box carried through the transform, as fractions
+    (x1, y1, x2, y2) of the output image; NaN when the data has none or the crop cut it away.
 
     Keys are (index, epoch) pairs from EpochSampler, or plain indices. Augmentation randomness
     is seeded from (seed, epoch, index), so a batch does not depend on the number of workers
@@ -64,18 +68,29 @@ class ImageDataset(Dataset):
             raise
         seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         self.transform.set_random_seed(int(seed))
-        image = self.transform(image=image)["image"]
-        return to_chw_tensor(image), int(self.records.labels[index])
+        box = self.records.boxes[index]
+        out = self.transform(image=image, bboxes=box[None] if np.isfinite(box).all() else np.zeros((0, 4), np.float32))
+        image = out["image"]
+        h, w = image.shape[:2]
+        box = out["bboxes"][0] / (w, h, w, h) if len(out["bboxes"]) else np.full(4, np.nan)
+        return to_chw_tensor(image), int(self.records.labels[index]), torch.as_tensor(box, dtype=torch.float32)
 
 
-def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack a batch, dropping samples that failed to load (data.skip_bad); returns the count."""
-    kept = [b for b in batch if b is not None]
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: torch.Tensor  # (B,) int64
+    boxes: torch.Tensor  # (B, 4) float32 ground-truth boxes as fractions of the image; NaN if unknown
+    skipped: int  # samples dropped because they failed to load (data.skip_bad)
+
+
+def collate(samples: list) -> Batch:
+    """Stack a batch, dropping samples that failed to load (data.skip_bad) and counting them."""
+    kept = [s for s in samples if s is not None]
     if not kept:
         raise DataError("a whole batch of images failed to load; check the data set files")
-    images = torch.stack([b[0] for b in kept])
-    labels = torch.tensor([b[1] for b in kept], dtype=torch.int64)
-    return images, labels, len(batch) - len(kept)
+    images, labels, boxes = zip(*kept)
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.stack(boxes),
+                 len(samples) - len(kept))
 
 
 class EpochSampler(Sampler):
@@ -154,7 +169,9 @@ class Loaders:
     classes: list[str]
 
 
-def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool) -> Loaders:
+def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0) -> Loaders:
+    """Train / val / test loaders; `scale` > 1 delivers images that much larger than data.img_size
+    (the same view at a higher resolution, for selector.crop_source=original)."""
     splits = read_splits(cfg, cache_dir)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
@@ -168,8 +185,8 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool) 
         records = parts[name]
         if len(records) == 0:
             return None
-        tf = train_transform(cfg.img_size, cfg.resize_ratio, cfg.augment) if train else eval_transform(
-            cfg.img_size, cfg.resize_ratio)
+        size = round(cfg.img_size * scale)
+        tf = train_transform(size, cfg.resize_ratio, cfg.augment) if train else eval_transform(size, cfg.resize_ratio)
         ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad)
         sampler = EpochSampler(len(records), shuffle=train, seed=seed)
         # Its own generator: worker seeds never draw from (and shift) the global torch RNG,

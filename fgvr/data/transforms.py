@@ -1,4 +1,5 @@
-"""albumentations pipelines. They return uint8 CHW tensors: normalisation happens on the device."""
+"""albumentations pipelines. They return uint8 CHW tensors (normalisation happens on the device)
+and carry the ground-truth box (pascal_voc pixels, clipped to the image) through every op."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 
 from fgvr.config import AugmentConfig
+
+BBOX = A.BboxParams(format="pascal_voc", clip=True)
 
 
 def trivial_augment() -> A.BaseCompose:
@@ -41,13 +44,14 @@ def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig) -> A
         ops.append(trivial_augment())
     if aug.random_erasing > 0:
         ops.append(A.Erasing(fill="random", p=aug.random_erasing))
-    return A.Compose(ops)
+    return A.Compose(ops, bbox_params=BBOX)
 
 
 def eval_transform(img_size: int, resize_ratio: float) -> A.Compose:
     """Square resize to resize_ratio * S, centre crop S."""
     resize = round(img_size * resize_ratio)
-    return A.Compose([A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.CenterCrop(img_size, img_size)])
+    return A.Compose([A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.CenterCrop(img_size, img_size)],
+                     bbox_params=BBOX)
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -13,7 +13,7 @@ from fgvr.data.dataset import build_loaders
 from fgvr.engine import checkpoint
 from fgvr.engine.trainer import autocast_dtype, evaluate, resolve_device
 from fgvr.errors import ConfigError, DataError
-from fgvr.models.model import build_model
+from fgvr.models.model import build_model, source_scale
 from fgvr.tracking.run import write_json
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         run_cfg.data.eval_batch_size = cfg.batch_size
 
     device = resolve_device(cfg.device)
-    loaders = build_loaders(run_cfg.data, run_cfg.paths.cache_dir, run_cfg.seed, pin_memory=device.type == "cuda")
+    loaders = build_loaders(run_cfg.data, run_cfg.paths.cache_dir, run_cfg.seed, pin_memory=device.type == "cuda",
+                            scale=source_scale(run_cfg))
     if loaders.classes != state["classes"]:
         raise DataError(f"data.root={run_cfg.data.root}: its classes differ from the {len(state['classes'])} "
                         f"the checkpoint was trained on; pass data_root= for the right data set")

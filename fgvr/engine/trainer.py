@@ -25,9 +25,11 @@ from torch import nn
 from fgvr.config import Precision
 from fgvr.data.dataset import build_loaders
 from fgvr.engine import checkpoint
+from fgvr.engine.cost import measure_cost
 from fgvr.engine.optim import build_optimizer, build_scheduler
 from fgvr.errors import ConfigError, FgvrError
-from fgvr.models.model import build_model
+from fgvr.models.model import build_model, source_scale
+from fgvr.models.selectors import box_hit, box_iou
 from fgvr.tracking.console import EpochProgress
 from fgvr.tracking.run import RunInfo, RunLogger, git_sha, versions
 
@@ -113,24 +115,39 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
              limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) and img/s over a loader; one host-device sync."""
+    """Loss, top-1 and top-5 accuracy (%), img/s and, for a model with a selector on data with
+    boxes, the crops' localisation: mean IoU with the ground-truth box (`crop_iou`) and the % of
+    crops that contain its centre (`crop_hit`). One host-device sync."""
     model.eval()
-    totals = torch.zeros(3, device=device)  # loss sum, top-1 hits, top-5 hits
+    totals = torch.zeros(6, device=device)  # loss sum, top-1 hits, top-5 hits, IoU sum, crop hits, boxes
     n, start = 0, time.perf_counter()
-    for i, (images, labels, _) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
-        images, labels = to_device(images, labels, device, channels_last)
+        images, labels = to_device(batch.images, batch.labels, device, channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(images)[0].float()
+            logits, extras = model(images)
+        logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()])
+        local = torch.zeros(3, device=device)
+        if "boxes" in extras:
+            truth = batch.boxes.to(device, non_blocking=True) * model.input_size
+            known = truth.isfinite().all(-1)
+            truth = torch.where(known[:, None], truth, 0)
+            boxes = extras["boxes"].float()
+            local = torch.stack([torch.where(known, box_iou(boxes, truth), 0).sum(),
+                                 (known & box_hit(boxes, truth)).sum(), known.sum()])
+        totals += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                          (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
+                             local])
         n += len(labels)
-    loss, top1, top5 = totals.tolist()
+    loss, top1, top5, iou, hits, boxed = totals.tolist()
     elapsed = time.perf_counter() - start
     n = max(n, 1)
-    return {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
+    out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
+    if boxed:
+        out |= {"crop_iou": iou / boxed, "crop_hit": 100 * hits / boxed}
+    return out
 
 
 def train(cfg: DictConfig, run: RunInfo) -> dict:
@@ -178,7 +195,8 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     amp = autocast_dtype(t.precision, device)
 
     # Data and model.
-    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda")
+    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
+                            scale=source_scale(cfg))
     num_classes = len(loaders.classes)
     model = build_model(cfg, num_classes).to(device)
     channels_last = device.type == "cuda" and not model.backbone.is_transformer
@@ -239,17 +257,17 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         seen = seen_log = 0
         epoch_start = tick = time.perf_counter()
         with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch) as progress:
-            for i, (images, labels, bad) in enumerate(loaders.train):
+            for i, batch in enumerate(loaders.train):
                 if i >= steps_per_epoch * t.accum_steps:
                     break
-                images, labels = to_device(images, labels, device, channels_last)
+                images, labels = to_device(batch.images, batch.labels, device, channels_last)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits, _ = forward(images)
                     loss = criterion(logits.float(), labels)
                 scaler.scale(loss / t.accum_steps).backward()
                 sums += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
                 seen += len(labels)
-                skipped += bad
+                skipped += batch.skipped
                 if (i + 1) % t.accum_steps:
                     continue
                 if t.grad_clip:
@@ -294,12 +312,17 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     tracker.log(step=step, epoch=epoch, split="test", **test)
     log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"],
              len(loaders.test.dataset), run.dir)
+    batch = next(iter(loaders.train))
+    cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp)
+    log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s", cost["gflops_per_image"]["total"], cost["step_ms"],
+             f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
+             if "select_ms" in cost else "")
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     return {
         "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,
         "best_epoch": best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
         "train_img_per_s": sum(n for n, _ in timed) / sum(s for _, s in timed) if timed else None,
         "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
-        "params_m": round(params_m, 3), "steps": step,
-        "skipped_images": skipped,
+        "params_m": round(params_m, 3), "steps": step, "skipped_images": skipped,
+        "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "cost": cost,
     }

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
+from timm.models import checkpoint_seq
 import torch
 from torch import nn
 
 from fgvr.errors import ConfigError, FgvrError
+
+
+# ViT options that other models (CNNs) do not take: passed only to models that accept them.
+OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")
 
 
 def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | None = None,
@@ -24,28 +29,42 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
             raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file")
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    except TypeError as e:
-        if "img_size" in str(e):  # models without a fixed input size (CNNs) take none
-            kwargs.pop("img_size")
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        if "unexpected keyword argument" in str(e):
-            raise ConfigError(f"backbone.kwargs: {name} does not take {str(e).rsplit(' ', 1)[-1]}") from None
-        raise
-    except OSError as e:
-        if checkpoint is not None:
-            raise ConfigError(f"backbone.checkpoint={checkpoint}: cannot load ({e})") from None
-        raise FgvrError(f"cannot download pretrained weights for backbone.name={name} ({type(e).__name__}); "
-                        "pass a local file with backbone.checkpoint=/path/to/weights.safetensors, "
-                        "or train from scratch with backbone.pretrained=false") from None
+    optional = {"img_size": img_size} if img_size is not None else {}
+    optional |= {k: kwargs.pop(k) for k in OPTIONAL_KWARGS if k in kwargs}
+    while True:
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs, **optional)
+        except TypeError as e:
+            dropped = next((k for k in optional if f"'{k}'" in str(e)), None)
+            if dropped is None and "unexpected keyword argument" in str(e):
+                raise ConfigError(f"backbone.kwargs: {name} does not take {str(e).rsplit(' ', 1)[-1]}") from None
+            if dropped is None:
+                raise
+            optional.pop(dropped)  # e.g. CNNs take no img_size: the option does not apply to them
+        except OSError as e:
+            if checkpoint is not None:
+                raise ConfigError(f"backbone.checkpoint={checkpoint}: cannot load ({e})") from None
+            raise FgvrError(f"cannot download pretrained weights for backbone.name={name} ({type(e).__name__}); "
+                            "pass a local file with backbone.checkpoint=/path/to/weights.safetensors, "
+                            "or train from scratch with backbone.pretrained=false") from None
+
+
+class Tokens(NamedTuple):
+    """What one pass of the backbone gives the rest of the model.
+
+    For ViTs `cls` is the CLS token and `patches` the patch tokens after the final norm; for
+    CNNs `cls` is the pooled vector and `patches` the locations of the last feature map."""
+
+    pooled: torch.Tensor  # (B, D) the feature the head sees (timm's pre-logits)
+    cls: torch.Tensor  # (B, D)
+    patches: torch.Tensor  # (B, h*w, D), row-major
+    grid_hw: tuple[int, int]  # (h, w)
+    stride_hw: tuple[float, float]  # input pixels per patch / feature-map cell
 
 
 class Backbone(nn.Module):
-    """A timm model -> pooled feature (B, num_features): the CLS token (or timm's pooling)
-    for ViTs, global average pooling for CNNs."""
+    """A timm model -> `Tokens` (forward_tokens) or just the pooled feature (forward): the CLS
+    token (or timm's pooling) for ViTs, global average pooling for CNNs."""
 
     def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0, kwargs: dict | None = None):
@@ -56,6 +75,7 @@ class Backbone(nn.Module):
         self.model = create_timm_model(name, pretrained, checkpoint, img_size, **extra)
         self.num_features: int = self.model.num_features
         self.is_transformer = hasattr(self.model, "num_prefix_tokens")
+        self.has_cls_token = getattr(self.model, "cls_token", None) is not None
         data_cfg = timm.data.resolve_model_data_config(self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
 
@@ -65,3 +85,28 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None = None) -> Tokens:
+        """One pass; `cls_token` (1,1,D) replaces the model's CLS token in the input sequence
+        (GLSim's separate crop token)."""
+        m = self.model
+        if not self.is_transformer:
+            fmap = m.forward_features(x)
+            pooled = m.forward_head(fmap, pre_logits=True)
+            h, w = fmap.shape[-2:]
+            return Tokens(pooled, pooled, fmap.flatten(2).transpose(1, 2), (h, w), (x.shape[-2] / h, x.shape[-1] / w))
+        tokens = m.forward_features(x) if cls_token is None else self._features_with_cls(x, cls_token)
+        pooled = m.forward_head(tokens, pre_logits=True)
+        grid = tuple(m.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return Tokens(pooled, tokens[:, 0] if self.has_cls_token else pooled, tokens[:, m.num_prefix_tokens:], grid,
+                      tuple(float(p) for p in m.patch_embed.patch_size))
+
+    def _features_with_cls(self, x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        """timm VisionTransformer.forward_features with another CLS token: the token at position
+        0 (CLS + its position embedding, if any) is shifted by (cls_token - model CLS)."""
+        m = self.model
+        x = m._pos_embed(m.patch_embed(x))
+        x = torch.cat([x[:, :1] + (cls_token - m.cls_token).to(x.dtype), x[:, 1:]], dim=1)
+        x = m.norm_pre(m.patch_drop(x))
+        x = checkpoint_seq(m.blocks, x) if m.grad_checkpointing else m.blocks(x)
+        return m.norm(x)

@@ -1,40 +1,110 @@
-"""The composition model: backbone (+ selector + texture, from their issues) + head."""
+"""The composition model: backbone -> selector -> crop -> the same backbone again -> head.
+
+With `selector=none` it is the plain backbone and head. With a selector (GLSim and its
+baselines) the first pass's tokens give a box per image, the boxes are cropped in one batched
+op, the crops go through the same backbone (with their own CLS token unless shared), and the
+head sees both pooled features."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from fgvr.data.transforms import Normalize
 from fgvr.errors import ConfigError
-from fgvr.models.backbone import Backbone
+from fgvr.models.backbone import Backbone, Tokens
+from fgvr.models.crop import crop
+from fgvr.models.selectors import Selection, Selector
 
 
 class FGVRModel(nn.Module):
-    """uint8 images (B,3,S,S) -> (logits, extras). Normalisation runs here, on the device."""
+    """uint8 images -> (logits, extras). Normalisation runs here, on the device.
 
-    def __init__(self, backbone: Backbone, head: nn.Module):
+    Images arrive at `input_size` (S), or `selector.source_scale` times larger when the selector
+    crops from the original resolution; the first pass then sees them resized to S. `extras`
+    holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch `scores` (B, h, w)."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, selector: Selector | None = None,
+                 input_size: int = 224):
         super().__init__()
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.backbone = backbone
+        self.selector = selector
         self.head = head
+        self.input_size = input_size
+        self.source_scale = selector.source_scale if selector is not None else 1.0
+        self.crop_size = (selector.crop_size if selector is not None else None) or input_size
+        separate = selector is not None and selector.crop_cls == "separate" and backbone.has_cls_token
+        self.crop_cls = nn.Parameter(backbone.model.cls_token.detach().clone()) if separate else None
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        extra = {"crop_cls"} if self.crop_cls is not None else set()
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | extra
+
+    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop source, network input): normalised, the input resized to S if it came larger."""
+        source = self.normalize(images)
+        if self.source_scale == 1:
+            return source, source
+        return source, F.interpolate(source, size=(self.input_size, self.input_size), mode="bilinear",
+                                     antialias=True, align_corners=False)
+
+    def first_pass(self, x: torch.Tensor) -> Tokens:
+        if self.selector is None:
+            return self.backbone.forward_tokens(x)
+        with self.selector.watch(self.backbone):
+            return self.backbone.forward_tokens(x)
+
+    def second_pass(self, source: torch.Tensor, boxes: torch.Tensor) -> Tokens:
+        """The boxes (S-pixel coordinates) cropped from the source and passed through the backbone."""
+        crops = crop(source, boxes * self.source_scale, self.crop_size)
+        return self.backbone.forward_tokens(crops, self.crop_cls)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feat = self.backbone(self.normalize(images))
-        return self.head(feat), {}
+        source, x = self.prepare(images)
+        tokens = self.first_pass(x)
+        if self.selector is None:
+            return self.head(tokens.pooled), {}
+        selection: Selection = self.selector(tokens, x.shape[-2:])
+        crop_tokens = self.second_pass(source, selection.boxes)
+        extras = {"boxes": selection.boxes}
+        if selection.scores is not None:
+            extras["scores"] = selection.scores
+        return self.head(tokens.pooled, crop_tokens.pooled), extras
+
+
+def source_scale(cfg: DictConfig) -> float:
+    """How much larger than data.img_size the loaders must deliver images (selector.crop_source)."""
+    sel = cfg.get("selector") or {}
+    return float(sel.get("source_scale", 2.0)) if sel.get("crop_source") == "original" else 1.0
+
+
+def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:
+    try:
+        return instantiate(node, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:  # a key the class does not take
+        cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"{group}: {cause}".splitlines()[0]) from None
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     """Build the model a composed train config describes."""
+    selector = _instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
     b = cfg.backbone
-    backbone = Backbone(b.name, b.pretrained, b.checkpoint, cfg.data.img_size, b.drop_path_rate, dict(b.kwargs))
-    try:
-        head = instantiate(cfg.head, in_features=backbone.num_features, num_classes=num_classes)
-    except Exception as e:  # a key the head class does not take
-        raise ConfigError(f"head: {e.__cause__ or e}".splitlines()[0]) from None
-    return FGVRModel(backbone, head)
+    kwargs = dict(b.kwargs)
+    if selector is not None and selector.crop_size not in (None, cfg.data.img_size):
+        kwargs.setdefault("dynamic_img_size", True)  # ViTs: the crop pass runs at another size
+    backbone = Backbone(b.name, b.pretrained, b.checkpoint, cfg.data.img_size, b.drop_path_rate, kwargs)
+    if selector is not None and selector.needs_transformer and not backbone.is_transformer:
+        raise ConfigError(f"selector={selector.name}: needs a ViT backbone (attention maps); "
+                          f"{b.name} is a CNN")
+    head = _instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
+                        num_inputs=1 if selector is None else 2)
+    return FGVRModel(backbone, head, selector, cfg.data.img_size)

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
-from timm.models import checkpoint_seq
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 
 from fgvr.errors import ConfigError, FgvrError
-
 
 # ViT options that other models (CNNs) do not take: passed only to models that accept them.
 OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")

@@ -31,12 +31,13 @@ class LinearHead(nn.Module):
 
 class AggregatorHead(nn.Module):
     """GLSim's aggregator: the features as tokens [global, crop, ...] -> pre-norm transformer
-    block(s) (heads = D/64, MLP 4D) -> LayerNorm -> zero-initialised linear on token 0.
-    Attention takes any number of tokens, so `num_inputs` needs no parameters here."""
+    block(s) (heads = D/64, MLP 4D) -> LayerNorm -> linear on token 0, zero-initialised as the
+    reference does (`zero_init`). Attention takes any number of tokens, so `num_inputs` needs
+    no parameters here."""
 
     def __init__(self, in_features: int, num_classes: int, num_inputs: int = 1, layers: int = 1,
                  num_heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.1,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, zero_init: bool = True):
         super().__init__()
         num_heads = num_heads or max(1, in_features // 64)
         if in_features % num_heads:
@@ -47,7 +48,10 @@ class AggregatorHead(nn.Module):
                   drop_path=drop_path) for _ in range(layers)])
         self.norm = nn.LayerNorm(in_features, eps=1e-6)
         self.fc = nn.Linear(in_features, num_classes)
-        nn.init.zeros_(self.fc.weight)
+        if zero_init:
+            nn.init.zeros_(self.fc.weight)
+        else:
+            nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, global_feat: torch.Tensor, crop_feat: torch.Tensor | None = None,

@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.config import DataConfig, DataFormat
+from fgvr.config import AugmentConfig, DataConfig, DataFormat
 from fgvr.data.dataset import ImageDataset, build_loaders, check_files, collate, load_image, stratified_split
 from fgvr.data.readers import make_records
 from fgvr.data.transforms import eval_transform, train_transform
-from fgvr.config import AugmentConfig
 from fgvr.errors import ConfigError, DataError
 
 
@@ -48,8 +47,9 @@ def test_skip_bad_drops_broken_images_and_counts_them(tmp_path):
     bad.write_bytes(b"\x89PNG broken")
     records = make_records([str(good), str(bad)], [0, 1])
     ds = ImageDataset(records, eval_transform(8, 1.0), skip_bad=True)
-    images, labels, skipped = collate([ds[0], ds[1]])
+    images, labels, boxes, skipped = collate([ds[0], ds[1]])
     assert images.shape == (1, 3, 8, 8) and labels.tolist() == [0] and skipped == 1
+    assert boxes.shape == (1, 4) and boxes.isnan().all()  # no box known
     with pytest.raises(DataError, match="bad.png"):
         ImageDataset(records, eval_transform(8, 1.0))[1]
 
@@ -88,8 +88,25 @@ def test_build_loaders_on_cub_layout(cub_root):
                      num_workers=0, val_fraction=0.25)
     loaders = build_loaders(cfg, "unused", seed=0, pin_memory=False)
     assert len(loaders.train.dataset) + len(loaders.val.dataset) == 12 and len(loaders.test.dataset) == 6
-    images, labels, skipped = next(iter(loaders.train))
+    images, labels, boxes, skipped = next(iter(loaders.train))
     assert images.shape == (4, 3, 24, 24) and images.dtype.is_floating_point is False and skipped == 0
+    assert boxes.shape == (4, 4) and boxes.isfinite().all()
+    larger = build_loaders(cfg, "unused", seed=0, pin_memory=False, scale=2.0)  # selector.crop_source=original
+    assert next(iter(larger.test)).images.shape == (6, 3, 48, 48)
+
+
+def test_boxes_follow_the_geometric_transforms(tmp_path):
+    """The ground-truth box comes out as fractions of the transformed image; NaN if cropped away."""
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(path)
+    records = make_records([str(path)] * 3, [0] * 3, [[10, 10, 30, 20], [0, 0, 2, 2], [np.nan] * 4])
+    ds = ImageDataset(records, eval_transform(40, 1.25))  # resize to 50 x 50, centre crop 40
+    box = ds[0][2]  # x: 10..30 of 100 -> 5..15 of 50 -> 0..10 of 40; y: 10..20 of 50 -> 10..20 -> 5..15
+    assert np.allclose(box.numpy(), [0, 5 / 40, 10 / 40, 15 / 40], atol=1e-6)
+    assert ds[1][2].isnan().all() and ds[2][2].isnan().all()  # outside the centre crop; unknown
+    flip = train_transform(40, 1.0, AugmentConfig(hflip=True))
+    flipped = [ImageDataset(records, flip, seed=s)[(0, 0)][2] for s in range(8)]
+    assert {round(float(b[0]), 4) for b in flipped} == {0.1, 0.7}  # x1 of the box and of its mirror image
 
 
 def test_build_loaders_without_root_is_a_config_error():

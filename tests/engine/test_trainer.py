@@ -62,6 +62,11 @@ def test_learns_the_synthetic_set(train_run):
     ["trainer.precision=fp16"],  # with a GradScaler
     ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false"],
     ["data.val_fraction=0"],
+    ["selector=rollout", "head=linear"],
+    ["selector=center", "selector.crop_size=24", "selector.box_end=exclusive"],  # a smaller, cheaper crop pass
+    ["selector=random", "selector.crop_source=original", "selector.crop_cls=shared"],
+    ["selector=glsim", "selector.metric=l2", "backbone=resnet50", "backbone.name=test_resnet",
+     "backbone.pretrained=false"],
 ])
 def test_options_train(train_run, options):
     results, run_dir = train_run("trainer.epochs=1", *options)
@@ -70,6 +75,20 @@ def test_options_train(train_run, options):
         assert results["best_val_acc"] is None and not (run_dir / "checkpoints" / "best.pt").exists()
     if "trainer.accum_steps=2" in options:
         assert results["steps"] == 2  # 5 batches -> 2 optimizer steps
+
+
+def test_selector_runs_report_localisation_and_cost(train_run):
+    results, run_dir = train_run("selector=glsim", "head=aggregator", "trainer.epochs=1")
+    assert 0 <= results["crop_iou"] <= 1 and 0 <= results["crop_hit"] <= 100
+    cost = results["cost"]
+    assert set(cost["gflops_per_image"]) == {"first_pass", "selection", "second_pass", "head", "total"}
+    assert cost["gflops_per_image"]["second_pass"] == pytest.approx(cost["gflops_per_image"]["first_pass"], rel=0.01)
+    assert 0 < cost["select_ms"] < cost["step_ms"] and cost["select_share_pct"] > 0
+    evals = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] != "train"]
+    assert all({"crop_iou", "crop_hit"} <= e.keys() for e in evals) and {e["split"] for e in evals} == {"val", "test"}
+    plain, _ = train_run("trainer.epochs=1", run_dir=run_dir.parent / "plain")
+    assert plain["crop_iou"] is None and "select_ms" not in plain["cost"] and "second_pass" not in plain["cost"][
+        "gflops_per_image"]
 
 
 def test_failed_run_writes_failed_results(train_run, tmp_path):
@@ -139,11 +158,12 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
 def test_eval_reproduces_the_test_accuracy(tmp_path):
     run_dir = tmp_path / "run"
-    fgvr("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    fgvr("train", *TINY, "selector=glsim", "head=aggregator", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     results = json.loads((run_dir / "results.json").read_text())
     out = fgvr("eval", f"ckpt={run_dir}", cwd=tmp_path)
     evaluated = json.loads((run_dir / "eval_test.json").read_text())
     assert evaluated["acc"] == pytest.approx(results["test_acc"]) and evaluated["epoch"] == 2
+    assert evaluated["crop_iou"] == pytest.approx(results["crop_iou"])
     assert f"test acc {results['test_acc']:.2f}%" in out.stdout
     fgvr("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "split=val", cwd=tmp_path)
     assert json.loads((run_dir / "eval_val.json").read_text())["acc"] == pytest.approx(results["best_val_acc"])

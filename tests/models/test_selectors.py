@@ -1,0 +1,217 @@
+"""Selectors, box maths, the batched crop and the two-pass model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgvr.errors import ConfigError
+from fgvr.models.backbone import Backbone, Tokens
+from fgvr.models.crop import crop
+from fgvr.models.heads import AggregatorHead, LinearHead
+from fgvr.models.model import FGVRModel
+from fgvr.models.selectors import (
+    CenterSelector,
+    GLSimSelector,
+    RandomSelector,
+    RolloutSelector,
+    box_hit,
+    box_iou,
+    topk_boxes,
+)
+
+MICRO = dict(depth=2, embed_dim=48, num_heads=3, patch_size=8)
+
+
+def one_hot_scores(grid_hw, cells, batch=1):
+    """Scores that are 1 at the given (row, col) cells and 0 elsewhere."""
+    scores = torch.zeros(batch, grid_hw[0] * grid_hw[1])
+    for r, c in cells:
+        scores[:, r * grid_hw[1] + c] = 1.0
+    return scores
+
+
+@pytest.mark.parametrize("box_end,expected", [("inclusive", [32, 16, 64, 48]), ("exclusive", [32, 16, 48, 32])])
+def test_box_spans_the_top_k_patches(box_end, expected):
+    scores = one_hot_scores((4, 4), [(1, 2), (2, 3), (1, 3)])  # rows 1-2, cols 2-3 of a 4x4 grid
+    boxes = topk_boxes(scores, (4, 4), (16, 16), (64, 64), top_k=3, box_end=box_end)
+    assert boxes.tolist() == [expected]
+
+
+def test_single_patch_and_edge_boxes():
+    corner = one_hot_scores((4, 4), [(3, 3)])
+    assert topk_boxes(corner, (4, 4), (16, 16), (64, 64), 1, "inclusive").tolist() == [[48, 48, 64, 64]]
+    # The reference's exclusive end would give an empty box: it is widened to the patch.
+    assert topk_boxes(corner, (4, 4), (16, 16), (64, 64), 1, "exclusive").tolist() == [[48, 48, 64, 64]]
+    line = one_hot_scores((4, 4), [(0, 0), (0, 3)])  # one row, first and last column
+    assert topk_boxes(line, (4, 4), (16, 16), (64, 64), 2, "exclusive").tolist() == [[0, 0, 48, 16]]
+    # A padded grid (dynamic_img_pad) would reach past the image: the box is clipped to it.
+    assert topk_boxes(corner, (4, 4), (16, 16), (60, 60), 1).tolist() == [[48, 48, 60, 60]]
+
+
+def test_non_square_grid_and_strides():
+    # 2 rows x 5 columns, patches 8 px high and 12 px wide; top-2 at (0, 1) and (1, 4).
+    scores = one_hot_scores((2, 5), [(0, 1), (1, 4)], batch=2)
+    scores[1] = one_hot_scores((2, 5), [(1, 0), (1, 1)])
+    boxes = topk_boxes(scores, (2, 5), (8.0, 12.0), (16, 60), 2)
+    assert boxes.tolist() == [[12, 0, 60, 16], [0, 8, 24, 16]]
+
+
+@pytest.mark.parametrize("metric", ["cos", "l1", "l2"])
+def test_glsim_picks_the_patches_most_like_the_cls_token(metric):
+    torch.manual_seed(0)
+    cls = torch.randn(2, 16)
+    patches = torch.randn(2, 12, 16)  # 3 x 4 grid
+    patches[:, [5, 6]] = cls[:, None] * 1.01  # (1, 1) and (1, 2) are (almost) the CLS token itself
+    tokens = Tokens(cls, cls, patches, (3, 4), (8.0, 8.0))
+    sel = GLSimSelector(metric=metric, top_k=2)(tokens, (24, 32))
+    assert sel.boxes.tolist() == [[8, 8, 24, 16]] * 2
+    assert sel.scores.shape == (2, 3, 4) and not sel.scores.requires_grad
+    if metric == "cos":
+        assert torch.allclose(sel.scores.flatten(1), F.cosine_similarity(cls[:, None], patches, dim=-1), atol=1e-6)
+
+
+def test_random_and_center_baselines():
+    torch.manual_seed(0)
+    cls = torch.randn(3, 8)
+    patches = torch.randn(3, 16, 8)
+    patches[:, 0] = cls  # GLSim's top-1 is the corner patch: boxes of 16 x 16 = 256 px^2
+    tokens = Tokens(cls, cls, patches, (4, 4), (16.0, 16.0))
+    boxes = CenterSelector(top_k=1)(tokens, (64, 64)).boxes
+    assert boxes.tolist() == [[24, 24, 40, 40]] * 3  # centred, same area as GLSim's mean box
+    random = RandomSelector(top_k=3)
+    a, b = random(tokens, (64, 64)).boxes, random(tokens, (64, 64)).boxes
+    assert not torch.equal(a, b) and ((a[:, 2:] - a[:, :2]) >= 16).all()
+
+
+def test_box_iou_and_hit():
+    a = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 4, 4]], dtype=torch.float32)
+    b = torch.tensor([[0, 0, 10, 10], [5, 0, 15, 10], [5, 5, 9, 9]], dtype=torch.float32)
+    assert torch.allclose(box_iou(a, b), torch.tensor([1.0, 50 / 150, 0.0]))
+    assert box_hit(a, b).tolist() == [True, True, False]
+
+
+def test_selector_options_are_checked():
+    with pytest.raises(ConfigError, match="selector.metric=cosine: choose one of cos, l1, l2"):
+        GLSimSelector(metric="cosine")
+    with pytest.raises(ConfigError, match="selector.box_end=open: choose one of inclusive, exclusive"):
+        GLSimSelector(box_end="open")
+    with pytest.raises(ConfigError, match="selector.top_k=0"):
+        RandomSelector(top_k=0)
+
+
+@pytest.mark.parametrize("size,box", [(16, [3, 5, 11, 9]), (8, [0, 0, 24, 20]), ((12, 20), [10, 2, 23, 19])])
+def test_batched_crop_equals_cropping_each_image(size, box):
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 20, 24)
+    boxes = torch.tensor([box, [0, 0, 24, 20], [5, 5, 6, 7]], dtype=torch.float32)
+    out = crop(images, boxes, size)
+    hw = (size, size) if isinstance(size, int) else size
+    for image, (x1, y1, x2, y2), got in zip(images, boxes.int().tolist(), out):
+        want = F.interpolate(image[None, :, y1:y2, x1:x2], size=hw, mode="bilinear", align_corners=False)[0]
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_vit_tokens_with_register_tokens_and_non_square_input():
+    vit = Backbone("vit_tiny_patch16_224", img_size=(32, 48), kwargs=dict(MICRO, reg_tokens=4))
+    tokens = vit.forward_tokens(torch.randn(2, 3, 32, 48))
+    assert vit.model.num_prefix_tokens == 5 and tokens.grid_hw == (4, 6) and tokens.stride_hw == (8.0, 8.0)
+    assert tokens.patches.shape == (2, 24, 48) and torch.equal(tokens.cls, tokens.pooled)
+
+
+def test_dynamic_image_size_and_cnn_feature_map():
+    vit = Backbone("vit_tiny_patch16_224", img_size=32, kwargs=dict(MICRO, dynamic_img_size=True))
+    assert vit.forward_tokens(torch.randn(1, 3, 24, 40)).grid_hw == (3, 5)
+    cnn = Backbone("test_resnet", img_size=64)
+    tokens = cnn.forward_tokens(torch.randn(2, 3, 64, 64))
+    h, w = tokens.grid_hw
+    assert tokens.patches.shape == (2, h * w, cnn.num_features) and tokens.stride_hw == (64 / h, 64 / w)
+    assert torch.allclose(tokens.cls, tokens.patches.mean(1), atol=1e-5)  # pooled = global average
+
+
+def glsim_model(**selector):
+    torch.manual_seed(0)
+    backbone = Backbone("vit_tiny_patch16_224", img_size=32, kwargs=MICRO)
+    return FGVRModel(backbone, AggregatorHead(48, 5, num_inputs=2), GLSimSelector(top_k=2, **selector), 32)
+
+
+def test_gradients_reach_backbone_crop_token_and_aggregator_not_the_selection():
+    model = glsim_model()
+    nn_init = torch.nn.init
+    nn_init.normal_(model.head.fc.weight, std=0.02)  # zero-initialised: let gradients flow back through it
+    logits, extras = model(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    assert not extras["boxes"].requires_grad and not extras["scores"].requires_grad
+    logits.sum().backward()
+    for name in ("backbone.model.patch_embed.proj.weight", "backbone.model.blocks.0.attn.qkv.weight",
+                 "backbone.model.cls_token", "crop_cls", "head.blocks.0.mlp.fc1.weight", "head.fc.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_aggregator_starts_at_zero_logits_and_attends_over_both_tokens():
+    head = AggregatorHead(128, 7, num_inputs=2)
+    assert head.blocks[0].attn.num_heads == 2  # D / 64
+    assert torch.equal(head(torch.randn(3, 128), torch.randn(3, 128)), torch.zeros(3, 7))
+    with pytest.raises(ConfigError, match="head.num_heads=5 does not divide the feature width 128"):
+        AggregatorHead(128, 7, num_heads=5)
+    assert LinearHead(16, 3, num_inputs=2)(torch.randn(4, 16), torch.randn(4, 16)).shape == (4, 3)
+
+
+def test_separate_crop_token_changes_only_the_second_pass():
+    model = glsim_model().eval()
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    source, x = model.prepare(images)
+    tokens = model.first_pass(x)
+    boxes = model.selector(tokens, (32, 32)).boxes
+    assert torch.equal(model.crop_cls, model.backbone.model.cls_token)  # initialised from the CLS token
+    before = model.second_pass(source, boxes).pooled
+    with torch.no_grad():
+        model.crop_cls.add_(1.0)
+        shared = model.backbone.forward_tokens(crop(source, boxes, 32)).pooled
+    assert not torch.allclose(model.second_pass(source, boxes).pooled, before)
+    assert torch.allclose(shared, before, atol=1e-5) and torch.equal(model.first_pass(x).pooled, tokens.pooled)
+    assert glsim_model(crop_cls="shared").crop_cls is None
+
+
+def test_crop_from_the_original_resolution():
+    model = glsim_model(crop_source="original", source_scale=2.0).eval()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)  # 2x the 32 px input
+    source, x = model.prepare(images)
+    assert source.shape[-1] == 64 and x.shape[-1] == 32
+    logits, extras = model(images)
+    assert logits.shape == (2, 5) and extras["boxes"].max() <= 32  # boxes in input pixels
+
+
+def test_rollout_equals_a_hand_computed_rollout():
+    torch.manual_seed(0)
+    backbone = Backbone("vit_tiny_patch16_224", img_size=16, kwargs=MICRO).eval()  # 2 layers, 2x2 patches
+    x = torch.randn(1, 3, 16, 16)
+    selector = RolloutSelector(top_k=1)
+    for blk in backbone.model.blocks:
+        blk.attn.fused_attn = True
+    with selector.watch(backbone):
+        assert not any(blk.attn.fused_attn for blk in backbone.model.blocks)  # only while it runs
+        tokens = backbone.forward_tokens(x)
+    assert all(blk.attn.fused_attn for blk in backbone.model.blocks)
+    scores = selector.scores(tokens)
+
+    m = backbone.model  # by hand: softmax(q k^T / sqrt(d)) per block, from the blocks' own weights
+    h = m._pos_embed(m.patch_embed(x))
+    rollout = torch.eye(h.shape[1])
+    for blk in m.blocks:
+        q, k, _ = blk.attn.qkv(blk.norm1(h)).reshape(1, -1, 3, 3, 16).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) / math.sqrt(16)).softmax(-1).mean(1)[0]
+        rollout = (0.5 * attn + 0.5 * torch.eye(len(attn))) @ rollout
+        h = blk(h)
+    assert torch.allclose(scores[0], rollout[0, 1:], atol=1e-5)
+
+
+def test_rollout_needs_a_vit(compose):
+    from fgvr.models.model import build_model
+
+    cfg = compose("selector=rollout", "backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false")
+    with pytest.raises(ConfigError, match="selector=rollout: needs a ViT backbone"):
+        build_model(cfg, 3)
+    with pytest.raises(ConfigError, match="selector: .*unexpected keyword argument 'bogus'"):
+        build_model(compose("selector=glsim", "+selector.bogus=1"), 3)

@@ -18,12 +18,13 @@ usage: fgvr <command> [hydra overrides] [--help]
 commands:
   train   train (or resume) a run composed from configs/  e.g. fgvr train +experiment=cub data.root=DIR
   eval    re-evaluate a checkpoint on the test split        e.g. fgvr eval ckpt=outputs/<date>/<run dir>
+  viz     draw heat maps, boxes and crops for n images      e.g. fgvr viz ckpt=outputs/<date>/<run dir> n=16
 
 `fgvr <command> --help` lists the config groups and the composed config;
 `fgvr train --cfg job` prints the config without running.
 """
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "viz")
 log = logging.getLogger("fgvr")
 
 
@@ -67,7 +68,7 @@ def _hydra_app(command: str):
     from fgvr.config import config_dir, register_schemas
 
     register_schemas()
-    task = {"train": _train_task, "eval": _eval_task}[command]
+    task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task}[command]
     return hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)
 
 
@@ -91,10 +92,20 @@ def _train_task(cfg) -> float | None:
 def _eval_task(cfg) -> None:
     from fgvr.engine.evaluate import evaluate_checkpoint
 
+    _report_user_errors("eval", evaluate_checkpoint, cfg)
+
+
+def _viz_task(cfg) -> None:
+    from fgvr.tracking.viz import visualise
+
+    _report_user_errors("viz", visualise, cfg)
+
+
+def _report_user_errors(command: str, fn, cfg) -> None:
     try:
-        evaluate_checkpoint(cfg)
+        fn(cfg)
     except Exception as e:
-        _exit_on_user_error("eval", e)
+        _exit_on_user_error(command, e)
         raise
 
 
@@ -168,9 +179,9 @@ def _schema_keys(command: str, parent: str) -> list[str]:
     import dataclasses
     import typing
 
-    from fgvr.config import EvalConfig, TrainConfig
+    from fgvr.config import EvalConfig, TrainConfig, VizConfig
 
-    node = {"train": TrainConfig, "eval": EvalConfig}[command]
+    node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig}[command]
     for part in filter(None, parent.split(".")):
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []

@@ -31,7 +31,10 @@ class Precision(Enum):
 
 
 class DataFormat(Enum):
-    cub = "cub"
+    cub = "cub"  # also NABirds
+    dogs = "dogs"
+    flowers = "flowers"
+    pets = "pets"
     folder = "folder"
     csv = "csv"
 
@@ -153,9 +156,20 @@ class EvalConfig:
     data_root: Optional[str] = None  # where the data lives now, if it moved
 
 
+@dataclass
+class VizConfig:
+    ckpt: str = MISSING  # a run dir or a .pt file
+    n: int = 16  # images to draw, the first n of the split
+    split: str = "test"  # test | val
+    out: Optional[str] = None  # default: <run dir>/viz
+    device: str = "auto"
+    data_root: Optional[str] = None  # where the data lives now, if it moved
+
+
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="fgvr_train", node=TrainConfig)
     cs.store(name="fgvr_eval", node=EvalConfig)
+    cs.store(name="fgvr_viz", node=VizConfig)

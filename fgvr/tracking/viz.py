@@ -1,0 +1,122 @@
+"""`fgvr viz ckpt=<run dir or .pt> n=16`: what the selector looked at, one PNG per image.
+
+Each PNG shows the image with the patch-score heat map, the selected box (green) and the
+ground-truth box (white, where the data has one), the crop the second pass saw, and the
+prediction against the label. With logger=wandb in the run, the same panels go to its W&B run
+as a table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fgvr.config import VizConfig
+from fgvr.engine.evaluate import check_split, load_run, split_loader
+from fgvr.errors import ConfigError
+from fgvr.models.crop import crop
+
+log = logging.getLogger(__name__)
+
+PANEL = 224  # display size of each panel, px
+GREEN, WHITE, RED = (40, 220, 40), (255, 255, 255), (230, 40, 40)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float or uint8 tensor -> (H, W, 3) uint8 RGB array."""
+    return image.clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _panel(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image, (PANEL, PANEL), interpolation=cv2.INTER_NEAREST if image.shape[0] < 64 else cv2.INTER_AREA)
+
+
+def _box(image: np.ndarray, box, size: int, colour) -> None:
+    x1, y1, x2, y2 = (int(round(v * PANEL / size)) for v in box)
+    cv2.rectangle(image, (x1, y1), (max(x2 - 1, x1), max(y2 - 1, y1)), colour, 2)
+
+
+def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: np.ndarray | None,
+           title: str, correct: bool) -> np.ndarray:
+    """One figure: [image + heat map + boxes | crop] under a title line, RGB uint8."""
+    size = image.shape[0]
+    left = _panel(image)
+    if scores is not None:
+        s = (scores - scores.min()) / max(float(scores.max() - scores.min()), 1e-8)
+        heat = cv2.resize((255 * s).astype(np.uint8), (PANEL, PANEL), interpolation=cv2.INTER_NEAREST)
+        heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
+        left = cv2.addWeighted(left, 0.55, heat, 0.45, 0)
+    if truth is not None:
+        _box(left, truth, size, WHITE)
+    if box is not None:
+        _box(left, box, size, GREEN)
+    panels = [left] + ([_panel(crop_img)] if crop_img is not None else [])
+    body = np.concatenate(panels, axis=1)
+    bar = np.full((28, body.shape[1], 3), 20, np.uint8)
+    cv2.putText(bar, title, (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, GREEN if correct else RED, 1, cv2.LINE_AA)
+    return np.concatenate([bar, body], axis=0)
+
+
+@torch.no_grad()
+def visualise(cfg: VizConfig) -> list[Path]:
+    """Write the figures for the first cfg.n images of the split; returns their paths."""
+    if cfg.n < 1:
+        raise ConfigError(f"n={cfg.n}: must be at least 1")
+    check_split(cfg.split)
+    run = load_run(cfg.ckpt, cfg.device, cfg.data_root)
+    model, classes = run.model, run.state["classes"]
+    out_dir = Path(cfg.out) if cfg.out else run.path.parent.parent / "viz"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for batch in split_loader(run, cfg.split):
+        images = batch.images.to(run.device)
+        logits, extras = model(images)
+        preds = logits.argmax(-1).cpu()
+        shown = images.float()  # what the first pass saw: the input size S
+        if model.source_scale != 1:
+            shown = F.interpolate(shown, size=(model.input_size,) * 2, mode="bilinear", antialias=True)
+        boxes = extras.get("boxes")
+        crops = crop(images.float(), boxes * model.source_scale, model.crop_size) if boxes is not None else None
+        scores = extras.get("scores")
+        for i in range(len(images)):
+            k = len(paths)
+            if k >= cfg.n:
+                break
+            truth = batch.boxes[i] * model.input_size
+            truth = truth.tolist() if truth.isfinite().all() else None
+            pred, label = int(preds[i]), int(batch.labels[i])
+            title = f"pred {classes[pred]} | label {classes[label]}"
+            figure = render(_to_uint8(shown[i]), scores[i].float().cpu().numpy() if scores is not None else None,
+                            boxes[i].tolist() if boxes is not None else None, truth,
+                            _to_uint8(crops[i]) if crops is not None else None, title, pred == label)
+            path = out_dir / f"{cfg.split}_{k:03d}.png"
+            cv2.imwrite(str(path), figure[..., ::-1])
+            paths.append(path)
+            rows.append((path, classes[pred], classes[label], pred == label))
+        if len(paths) >= cfg.n:
+            break
+    log.info("wrote %d figures to %s", len(paths), out_dir)
+    if run.cfg.logger.name == "wandb":
+        _to_wandb(run, rows, cfg.split)
+    return paths
+
+
+def _to_wandb(run, rows: list, split: str) -> None:
+    """The figures as a table in the run's own W&B run (resumed by its id)."""
+    import wandb
+
+    from fgvr.tracking.run import wandb_mode
+
+    logger = run.cfg.logger
+    wb = wandb.init(project=logger.project, entity=logger.entity, id=run.state.get("wandb_id"), resume="allow",
+                    dir=str(run.path.parent.parent), mode=wandb_mode(logger.mode),
+                    settings=wandb.Settings(console="off", silent=True))
+    table = wandb.Table(columns=["figure", "prediction", "label", "correct"])
+    for path, pred, label, correct in rows:
+        table.add_data(wandb.Image(str(path)), pred, label, correct)
+    wb.log({f"viz/{split}": table})
+    wb.finish()

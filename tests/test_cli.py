@@ -105,6 +105,21 @@ def test_cub_experiment_is_the_reference_recipe(compose):
     assert (cfg.trainer.grad_clip, cfg.trainer.label_smoothing) == (1.0, 0.1)
     assert cfg.data.augment.trivial_augment and cfg.data.augment.random_erasing == 0.3 and cfg.data.augment.hflip
     assert round(cfg.data.img_size * cfg.data.resize_ratio) == 300
+    assert cfg.selector._target_.endswith("GLSimSelector") and cfg.selector.top_k == 8
+    assert cfg.selector.box_end == "inclusive" and cfg.head._target_.endswith("AggregatorHead")
+
+
+@pytest.mark.parametrize("dataset,top_k", [("cub", 8), ("dogs", 16), ("nabirds", 8), ("flowers", 8), ("pets", 8)])
+def test_each_dataset_has_a_glsim_and_a_plain_vit_experiment_with_one_recipe(compose, dataset, top_k):
+    from omegaconf import OmegaConf
+
+    glsim = OmegaConf.to_container(compose(f"+experiment={dataset}"), resolve=True)
+    vit = OmegaConf.to_container(compose(f"+experiment={dataset}_vit"), resolve=True)
+    assert glsim["data"]["name"] == vit["data"]["name"] == dataset and glsim["selector"]["top_k"] == top_k
+    assert vit["selector"] == {} and vit["head"]["_target_"].endswith("LinearHead")
+    for key in ("backbone", "data", "optim", "trainer", "seed"):
+        assert glsim[key] == vit[key], key  # the baseline differs only in the crop and its head
+    assert compose("+experiment=cub_448").data.img_size == 448
 
 
 @pytest.mark.slow

@@ -62,8 +62,8 @@ def _table(path: Path, columns: int, hint: str) -> list[list[str]]:
 
 
 def read_cub(root: str | Path) -> Splits:
-    """CUB-200-2011 layout: images.txt, image_class_labels.txt, train_test_split.txt,
-    classes.txt, bounding_boxes.txt (optional) and images/."""
+    """CUB-200-2011 layout (NABirds uses it too): images.txt, image_class_labels.txt,
+    train_test_split.txt, classes.txt, bounding_boxes.txt (optional) and images/."""
     root = Path(root)
     hint = f"data.root={root} must be a CUB-200-2011 folder (the one holding images.txt and images/)"
     if not root.is_dir():
@@ -71,9 +71,10 @@ def read_cub(root: str | Path) -> Splits:
     images = {i: p for i, p in _table(root / "images.txt", 2, hint)}
     labels = {i: int(c) for i, c in _table(root / "image_class_labels.txt", 2, hint)}
     is_train = {i: s == "1" for i, s in _table(root / "train_test_split.txt", 2, hint)}
-    class_rows = _table(root / "classes.txt", 2, hint)
-    class_ids = sorted(int(c) for c, _ in class_rows)
-    names = {int(c): n for c, n in class_rows}
+    names = {int(c): n for c, n in _table(root / "classes.txt", 2, hint)}
+    # Only the classes images use (NABirds' classes.txt also lists the inner nodes of its
+    # hierarchy, and its ids are sparse): contiguous labels in the order of the class ids.
+    class_ids = sorted(set(labels.values()) & names.keys())
     to_index = {c: k for k, c in enumerate(class_ids)}
     boxes = {}
     if (root / "bounding_boxes.txt").is_file():
@@ -158,4 +159,88 @@ def read_csv(root: str | Path, train_csv: str = "train.csv", test_csv: str = "te
     return Splits(records(*tables["train"]), records(*tables["test"]), classes)
 
 
-READERS: dict[str, Callable[..., Splits]] = {"cub": read_cub, "folder": read_folder, "csv": read_csv}
+def _loadmat(path: Path, keys: tuple[str, ...], hint: str) -> dict:
+    """The named variables of a MATLAB file, with a one-line error if it or one of them is missing."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; {hint}")
+    try:
+        mat = loadmat(str(path))
+    except (MatReadError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .mat file ({e}); re-extract it") from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        raise DataError(f"{path}: no variable {missing[0]!r}; {hint}")
+    return mat
+
+
+def _xml_box(path: Path) -> tuple[float, ...]:
+    """The union of a PASCAL-VOC annotation's object boxes (NaN if there is no file)."""
+    import xml.etree.ElementTree as ET
+
+    if not path.is_file():
+        return (np.nan,) * 4
+    boxes = [[float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+             for b in ET.parse(path).getroot().iter("bndbox")]
+    if not boxes:
+        return (np.nan,) * 4
+    b = np.array(boxes)
+    return (*b[:, :2].min(0), *b[:, 2:].max(0))
+
+
+def read_dogs(root: str | Path) -> Splits:
+    """Stanford Dogs: train_list.mat / test_list.mat (file_list, 1-based labels), Images/<breed>/
+    and, for the boxes, Annotation/<breed>/<image id> (PASCAL-VOC XML)."""
+    root = Path(root)
+    hint = f"data.root={root} must hold train_list.mat, test_list.mat (lists.tar) and Images/"
+    parts, names = {}, {}
+    for part in ("train", "test"):
+        mat = _loadmat(root / f"{part}_list.mat", ("file_list", "labels"), hint)
+        files = [str(f[0][0]) for f in mat["file_list"]]
+        labels = [int(v) - 1 for v in mat["labels"].ravel()]
+        names |= {label: f.split("/", 1)[0] for f, label in zip(files, labels)}  # n02085620-Chihuahua
+        boxes = [_xml_box(root / "Annotation" / f.removesuffix(".jpg")) for f in files]
+        parts[part] = make_records([str(root / "Images" / f) for f in files], labels, boxes)
+    return Splits(parts["train"], parts["test"], [names[k] for k in sorted(names)])
+
+
+def read_flowers(root: str | Path) -> Splits:
+    """Oxford Flowers 102: imagelabels.mat (1-based labels), setid.mat (trnid, valid, tstid) and
+    jpg/image_NNNNN.jpg. Train is the official train + val, as the FGVC papers use it."""
+    root = Path(root)
+    hint = f"data.root={root} must hold imagelabels.mat, setid.mat and jpg/"
+    labels = _loadmat(root / "imagelabels.mat", ("labels",), hint)["labels"].ravel().astype(np.int64) - 1
+    setid = _loadmat(root / "setid.mat", ("trnid", "valid", "tstid"), hint)
+
+    def records(ids: np.ndarray) -> Records:
+        ids = np.sort(ids.ravel().astype(np.int64))
+        return make_records([str(root / "jpg" / f"image_{i:05d}.jpg") for i in ids], labels[ids - 1].tolist())
+
+    classes = [f"{k + 1:03d}" for k in range(int(labels.max()) + 1)]
+    return Splits(records(np.concatenate([setid["trnid"].ravel(), setid["valid"].ravel()])),
+                  records(setid["tstid"]), classes)
+
+
+def read_pets(root: str | Path) -> Splits:
+    """Oxford-IIIT Pets: annotations/trainval.txt and test.txt (`image class species breed`,
+    1-based class ids, '#' comments) and images/<image>.jpg; class names from the image names."""
+    root = Path(root)
+    hint = f"data.root={root} must hold annotations/ and images/ (both archives extracted)"
+    names: dict[int, str] = {}
+    parts = {}
+    for part in ("trainval", "test"):
+        rows = [r for r in _table(root / "annotations" / f"{part}.txt", 2, hint) if not r[0].startswith("#")]
+        paths, labels = [], []
+        for name, rest in rows:
+            label = int(rest.split()[0]) - 1
+            names[label] = name.rsplit("_", 1)[0]
+            paths.append(str(root / "images" / f"{name}.jpg"))
+            labels.append(label)
+        parts[part] = make_records(paths, labels)
+    return Splits(parts["trainval"], parts["test"], [names[k] for k in sorted(names)])
+
+
+READERS: dict[str, Callable[..., Splits]] = {"cub": read_cub, "folder": read_folder, "csv": read_csv,
+                                              "dogs": read_dogs, "flowers": read_flowers, "pets": read_pets}

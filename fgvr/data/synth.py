@@ -22,7 +22,7 @@ import numpy as np
 from fgvr.config import SynthConfig
 
 FREQUENCIES = (0.08, 0.16)  # cycles per pixel at the stored image size
-VERSION = 1
+VERSION = 2  # 2: the part anywhere in the frame (1: only in the central half)
 
 
 def class_grid(num_classes: int) -> list[tuple[float, float]]:
@@ -55,9 +55,9 @@ def render(rng: np.random.Generator, label: int, cfg: SynthConfig) -> tuple[np.n
     r = size * 0.15
     base = rng.uniform(0.25, 0.55, 3).astype(np.float32)
     img = np.clip(base + rng.normal(0, 0.06, (size, size, 3)), 0, 1).astype(np.float32)
-    # Disc centres: the part stays in the central half so random crops keep it; distractors
-    # anywhere inside the frame, not overlapping one another by more than a little.
-    centres = [rng.uniform(size * 0.3, size * 0.7, 2)]
+    # Disc centres anywhere inside the frame (so a fixed centre crop cannot stand in for finding
+    # the part), not overlapping one another by more than a little; the first is the part.
+    centres = [rng.uniform(r, size - r, 2)]
     while len(centres) < 1 + cfg.distractors:
         c = rng.uniform(r, size - r, 2)
         if all(np.hypot(*(c - o)) > 1.6 * r for o in centres):

@@ -29,7 +29,7 @@ from fgvr.engine.cost import measure_cost
 from fgvr.engine.optim import build_optimizer, build_scheduler
 from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
-from fgvr.models.selectors import box_hit, box_iou
+from fgvr.models.selectors import localisation
 from fgvr.tracking.console import EpochProgress
 from fgvr.tracking.run import RunInfo, RunLogger, git_sha, versions
 
@@ -129,14 +129,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
             logits, extras = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        local = torch.zeros(3, device=device)
-        if "boxes" in extras:
-            truth = batch.boxes.to(device, non_blocking=True) * model.input_size
-            known = truth.isfinite().all(-1)
-            truth = torch.where(known[:, None], truth, 0)
-            boxes = extras["boxes"].float()
-            local = torch.stack([torch.where(known, box_iou(boxes, truth), 0).sum(),
-                                 (known & box_hit(boxes, truth)).sum(), known.sum()])
+        local = (localisation(extras["boxes"].float(), batch.boxes.to(device) * model.input_size)
+                 if "boxes" in extras else torch.zeros(3, device=device))
         totals += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                                           (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
                              local])

@@ -65,6 +65,15 @@ def box_hit(boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3])
 
 
+def localisation(boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(IoU sum, boxes that contain the truth's centre, count) over the rows whose ground-truth
+    box is known (finite); summed on the device, for the evaluation loop."""
+    known = truth.isfinite().all(-1)
+    truth = torch.where(known[:, None], truth, 0)
+    return torch.stack([torch.where(known, box_iou(boxes, truth), 0).sum(), (known & box_hit(boxes, truth)).sum(),
+                        known.sum()]).float()
+
+
 class Selector(nn.Module):
     """Base: top-k patches by `scores` -> box, plus the crop settings every selector shares.
 

@@ -18,6 +18,7 @@ from fgvr.models.selectors import (
     RolloutSelector,
     box_hit,
     box_iou,
+    localisation,
     topk_boxes,
 )
 
@@ -90,6 +91,8 @@ def test_box_iou_and_hit():
     b = torch.tensor([[0, 0, 10, 10], [5, 0, 15, 10], [5, 5, 9, 9]], dtype=torch.float32)
     assert torch.allclose(box_iou(a, b), torch.tensor([1.0, 50 / 150, 0.0]))
     assert box_hit(a, b).tolist() == [True, True, False]
+    unknown = torch.cat([b[:2], torch.full((1, 4), float("nan"))])  # the third image has no box
+    assert torch.allclose(localisation(a, unknown), torch.tensor([1 + 50 / 150, 2, 2]))
 
 
 def test_selector_options_are_checked():
@@ -215,3 +218,11 @@ def test_rollout_needs_a_vit(compose):
         build_model(cfg, 3)
     with pytest.raises(ConfigError, match="selector: .*unexpected keyword argument 'bogus'"):
         build_model(compose("selector=glsim", "+selector.bogus=1"), 3)
+
+
+def test_vit_without_a_cls_token_compares_patches_with_the_pooled_vector():
+    backbone = Backbone("vit_tiny_patch16_224", img_size=32, kwargs=dict(MICRO, class_token=False, global_pool="avg"))
+    tokens = backbone.forward_tokens(torch.randn(2, 3, 32, 32))
+    assert not backbone.has_cls_token and torch.equal(tokens.cls, tokens.pooled) and tokens.patches.shape[1] == 16
+    model = FGVRModel(backbone, LinearHead(48, 3, num_inputs=2), GLSimSelector(), 32)
+    assert model.crop_cls is None and model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0].shape == (2, 3)

@@ -41,7 +41,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, vit_b16, vit_micro, vit_tiny"),
-    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, folder, synth"),
+    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, dogs, flowers, folder, nabirds, pets, synth"),
     ("+experiment=nope", "+experiment=nope: no such option; choose one of cub"),
     ("trainer.epoch=3", "trainer.epoch: no such config key; valid keys under trainer: accum_steps,"),
     ("foo=1", "foo: no such config key; valid keys: backbone, data,"),
@@ -52,6 +52,8 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     ("seed=[1", "overrides look like key=value"),
     ("data=cub", "data.root is not set; pass data.root=/path/to/cub"),
     ("head.bogus=3", "head.bogus: no such config key"),
+    ("selector=glsim selector.metric=cosine", "selector.metric=cosine: choose one of cos, l1, l2"),
+    ("selector=glsim +selector.topk=4", "selector.topk: no such option; selector takes metric, top_k, box_end,"),
     ("data=cub data.synth.num_classes=4", "an override sets a key inside a section that is null"),
 ])
 def test_bad_overrides_end_in_one_line_with_exit_code_2(tmp_path, override, message):

@@ -7,9 +7,12 @@ head sees both pooled features."""
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -83,15 +86,31 @@ def source_scale(cfg: DictConfig) -> float:
 
 
 def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:
+    """hydra.utils.instantiate with one-line errors: a key the class does not take names the ones it does."""
     try:
         return instantiate(node, **kwargs)
-    except ConfigError:
-        raise
-    except Exception as e:  # a key the class does not take
+    except Exception as e:
         cause = e.__cause__ or e
         if isinstance(cause, ConfigError):
             raise cause from None
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if match:
+            raise ConfigError(f"{group}.{match.group(1)}: no such option; {group} takes "
+                              f"{', '.join(_init_args(get_class(node._target_), kwargs))}") from None
         raise ConfigError(f"{group}: {cause}".splitlines()[0]) from None
+
+
+def _init_args(cls: type, given: dict) -> list[str]:
+    """The constructor arguments of cls and of the base classes its **kwargs go to, less `given`."""
+    names = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return [n for n in dict.fromkeys(names) if n not in given]
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:

@@ -41,7 +41,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, vit_b16, vit_micro, vit_tiny"),
-    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, dogs, flowers, folder, nabirds, pets, synth"),
+    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, dogs, flowers, folder, nabirds, pets,"),
     ("+experiment=nope", "+experiment=nope: no such option; choose one of cub"),
     ("trainer.epoch=3", "trainer.epoch: no such config key; valid keys under trainer: accum_steps,"),
     ("foo=1", "foo: no such config key; valid keys: backbone, data,"),

@@ -26,7 +26,7 @@ def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
 
     model.eval()
     with torch.no_grad():
-        (source, x), _ = count(lambda: model.prepare(image))
+        source, x = model.prepare(image)
         tokens, flops = count(lambda: model.first_pass(x))
         out = {"first_pass": flops}
         crop_feat = None

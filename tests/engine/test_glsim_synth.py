@@ -2,12 +2,13 @@
 
 import pytest
 
-SYNTH = ["data.img_size=64", "data.batch_size=64", "data.synth.num_classes=10", "data.synth.train_per_class=160",
-         "data.synth.test_per_class=40", "data.synth.image_size=96", "trainer.epochs=8", "trainer.log_every=50",
-         "optim.warmup_steps=100", "data.num_workers=2"]
+SYNTH = ["data.img_size=64", "data.batch_size=64", "data.synth.num_classes=10",
+         "data.synth.train_per_class=160", "data.synth.test_per_class=40", "data.synth.image_size=96",
+         "trainer.epochs=8", "trainer.log_every=50", "optim.warmup_steps=100", "data.num_workers=2"]
 # A small CNN whose last feature map is 8 x 8 at 64 px: every location is trained (through the
 # global average pool), which is the premise of comparing the pooled vector with each location.
-CNN = ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false", "+backbone.kwargs.output_stride=8"]
+CNN = ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false",
+       "+backbone.kwargs.output_stride=8"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -145,3 +146,12 @@ def test_seed_sweep_script(tmp_path, cub_root):
     assert sorted(json.loads((sweep / str(i) / "results.json").read_text())["seed"] for i in range(3)) == [1, 10, 100]
     usage = subprocess.run([str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr and "cub" in usage.stderr
+
+
+def test_model_cost_script(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "model_cost.py"), "+experiment=cub",
+                           "backbone=vit_micro", "data.img_size=32", "data.batch_size=4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cost = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cost["batch_size"] == 4 and cost["select_ms"] > 0 and cost["gflops_per_image"]["second_pass"] > 0

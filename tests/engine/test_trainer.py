@@ -199,6 +199,7 @@ def test_default_train_meets_the_bar(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_trains(train_run):
-    results, _ = train_run("trainer.epochs=1", "trainer.compile=true")
+@pytest.mark.parametrize("model", [[], ["selector=glsim", "head=aggregator"]])
+def test_compile_trains(train_run, model):
+    results, _ = train_run("trainer.epochs=1", "trainer.compile=true", *model)
     assert results["status"] == "finished"

@@ -50,10 +50,18 @@ class FGVRModel(nn.Module):
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(crop source, network input): normalised, the input resized to S if it came larger."""
         source = self.normalize(images)
+        return source, self.to_input(source)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the loaders' size -> the network input size S (a no-op unless crop_source=original)."""
         if self.source_scale == 1:
-            return source, source
-        return source, F.interpolate(source, size=(self.input_size, self.input_size), mode="bilinear",
-                                     antialias=True, align_corners=False)
+            return images
+        return F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    def crops(self, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The boxes (S-pixel coordinates) cut from the source and resized to the crop size."""
+        return crop(source, boxes * self.source_scale, self.crop_size)
 
     def first_pass(self, x: torch.Tensor) -> Tokens:
         if self.selector is None:
@@ -63,8 +71,7 @@ class FGVRModel(nn.Module):
 
     def second_pass(self, source: torch.Tensor, boxes: torch.Tensor) -> Tokens:
         """The boxes (S-pixel coordinates) cropped from the source and passed through the backbone."""
-        crops = crop(source, boxes * self.source_scale, self.crop_size)
-        return self.backbone.forward_tokens(crops, self.crop_cls)
+        return self.backbone.forward_tokens(self.crops(source, boxes), self.crop_cls)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source, x = self.prepare(images)

@@ -123,6 +123,7 @@ class GLSimSelector(Selector):
     (cos, or the negative L1 / L2 distance)."""
 
     name = "glsim"
+
     def __init__(self, metric: str = "cos", **kwargs):
         super().__init__(**kwargs)
         _check("metric", metric, METRICS)
@@ -139,6 +140,7 @@ class RandomSelector(Selector):
     """Baseline: the box around k patches drawn at random."""
 
     name = "random"
+
     def scores(self, tokens: Tokens) -> torch.Tensor:
         return torch.rand(tokens.patches.shape[:2], device=tokens.patches.device)
 
@@ -148,6 +150,7 @@ class CenterSelector(GLSimSelector):
     crops as much as GLSim would, from a fixed place)."""
 
     name = "center"
+
     @torch.no_grad()
     def forward(self, tokens: Tokens, image_hw: tuple[int, int]) -> Selection:
         glsim = super().forward(tokens, image_hw).boxes

@@ -97,6 +97,16 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
+def init_wandb(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
+    """wandb.init for a run dir: its W&B files inside it, the run `run_id` continued if given,
+    the mode chosen by wandb_mode, W&B's own console output off."""
+    import wandb
+
+    return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=run_id,
+                      resume="allow", mode=wandb_mode(logger_cfg.mode),
+                      settings=wandb.Settings(console="off", silent=True), **kwargs)
+
+
 class RunLogger:
     """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb."""
 
@@ -111,13 +121,8 @@ class RunLogger:
         self.metrics = open(path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.name == "wandb":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.entity, name=run.name, group=run.group,
-                tags=list(logger_cfg.tags), config=config, dir=str(run.dir), id=wandb_id, resume="allow",
-                mode=wandb_mode(logger_cfg.mode), settings=wandb.Settings(console="off", silent=True),
-            )
+            self.wandb = init_wandb(logger_cfg, run.dir, wandb_id, name=run.name, group=run.group,
+                                    tags=list(logger_cfg.tags), config=config)
 
     @property
     def wandb_id(self) -> str | None:

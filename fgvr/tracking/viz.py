@@ -13,12 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fgvr.config import VizConfig
 from fgvr.engine.evaluate import check_split, load_run, split_loader
 from fgvr.errors import ConfigError
-from fgvr.models.crop import crop
+from fgvr.tracking.run import init_wandb
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +72,23 @@ def visualise(cfg: VizConfig) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, paths = [], []
     for batch in split_loader(run, cfg.split):
-        images = batch.images.to(run.device)
+        images = batch.images.to(run.device).float()
         logits, extras = model(images)
-        preds = logits.argmax(-1).cpu()
-        shown = images.float()  # what the first pass saw: the input size S
-        if model.source_scale != 1:
-            shown = F.interpolate(shown, size=(model.input_size,) * 2, mode="bilinear", antialias=True)
-        boxes = extras.get("boxes")
-        crops = crop(images.float(), boxes * model.source_scale, model.crop_size) if boxes is not None else None
-        scores = extras.get("scores")
-        for i in range(len(images)):
-            k = len(paths)
-            if k >= cfg.n:
-                break
-            truth = batch.boxes[i] * model.input_size
-            truth = truth.tolist() if truth.isfinite().all() else None
-            pred, label = int(preds[i]), int(batch.labels[i])
-            title = f"pred {classes[pred]} | label {classes[label]}"
-            figure = render(_to_uint8(shown[i]), scores[i].float().cpu().numpy() if scores is not None else None,
-                            boxes[i].tolist() if boxes is not None else None, truth,
-                            _to_uint8(crops[i]) if crops is not None else None, title, pred == label)
-            path = out_dir / f"{cfg.split}_{k:03d}.png"
+        shown = model.to_input(images).cpu()  # what the first pass saw, at the input size
+        preds = logits.argmax(-1).cpu().tolist()
+        boxes, scores = extras.get("boxes"), extras.get("scores")
+        crops = model.crops(images, boxes).cpu() if boxes is not None else None
+        boxes = boxes.cpu().tolist() if boxes is not None else None
+        scores = scores.float().cpu().numpy() if scores is not None else None
+        truths = batch.boxes * model.input_size
+        for i in range(min(len(images), cfg.n - len(paths))):
+            pred, label = preds[i], int(batch.labels[i])
+            truth = truths[i].tolist() if truths[i].isfinite().all() else None
+            figure = render(_to_uint8(shown[i]), scores[i] if scores is not None else None,
+                            boxes[i] if boxes is not None else None, truth,
+                            _to_uint8(crops[i]) if crops is not None else None,
+                            f"pred {classes[pred]} | label {classes[label]}", pred == label)
+            path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
             cv2.imwrite(str(path), figure[..., ::-1])
             paths.append(path)
             rows.append((path, classes[pred], classes[label], pred == label))
@@ -109,12 +104,7 @@ def _to_wandb(run, rows: list, split: str) -> None:
     """The figures as a table in the run's own W&B run (resumed by its id)."""
     import wandb
 
-    from fgvr.tracking.run import wandb_mode
-
-    logger = run.cfg.logger
-    wb = wandb.init(project=logger.project, entity=logger.entity, id=run.state.get("wandb_id"), resume="allow",
-                    dir=str(run.path.parent.parent), mode=wandb_mode(logger.mode),
-                    settings=wandb.Settings(console="off", silent=True))
+    wb = init_wandb(run.cfg.logger, run.path.parent.parent, run.state.get("wandb_id"))
     table = wandb.Table(columns=["figure", "prediction", "label", "correct"])
     for path, pred, label, correct in rows:
         table.add_data(wandb.Image(str(path)), pred, label, correct)

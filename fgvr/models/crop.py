@@ -1,4 +1,4 @@
-"""The batched crop: every image's box resized to one size in a single grid_sample call."""
+"""The batched crop: every image's box(es) resized to one size in a single grid_sample call."""
 
 from __future__ import annotations
 
@@ -7,26 +7,32 @@ import torch.nn.functional as F
 
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear crops (B, C, *size) of `images` (B, C, H, W) at `boxes` (B, 4: x1 y1 x2 y2, pixels).
+    """Bilinear crops of `images` (B, C, H, W) at `boxes` (x1 y1 x2 y2, pixels): one box per image
+    (B, 4) -> (B, C, *size), or K per image (B, K, 4) -> (B, K, C, *size).
 
     Sampling follows `F.interpolate(image[:, y1:y2, x1:x2], size, mode="bilinear")` (half-pixel
     centres, samples clamped to the box), so for whole-pixel boxes it equals cropping each image
-    and resizing it; but it is one op for the batch, on the batch's device, with no host sync."""
+    and resizing it; but it is one op for the batch, on the batch's device, with no host sync
+    (the K crops of an image are sampled as one tall grid, without copying the image)."""
     oh, ow = (size, size) if isinstance(size, int) else size
     H, W = images.shape[-2:]
-    boxes = boxes.to(images.dtype if images.is_floating_point() else torch.float32)
-    x = _sample_points(boxes[:, 0], boxes[:, 2], ow)  # (B, ow) pixel coordinates
-    y = _sample_points(boxes[:, 1], boxes[:, 3], oh)  # (B, oh)
+    single = boxes.ndim == 2
+    boxes = (boxes[:, None] if single else boxes).to(images.dtype if images.is_floating_point() else torch.float32)
+    B, K = boxes.shape[:2]
+    x = _sample_points(boxes[..., 0], boxes[..., 2], ow)  # (B, K, ow) pixel coordinates
+    y = _sample_points(boxes[..., 1], boxes[..., 3], oh)  # (B, K, oh)
     grid = torch.stack([  # grid_sample's normalised coordinates (align_corners=False)
-        ((2 * x + 1) / W - 1)[:, None, :].expand(-1, oh, -1),
-        ((2 * y + 1) / H - 1)[:, :, None].expand(-1, -1, ow),
-    ], dim=-1)
-    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        ((2 * x + 1) / W - 1)[:, :, None, :].expand(-1, -1, oh, -1),
+        ((2 * y + 1) / H - 1)[:, :, :, None].expand(-1, -1, -1, ow),
+    ], dim=-1).reshape(B, K * oh, ow, 2)
+    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.unflatten(2, (K, oh)).transpose(1, 2)  # (B, K, C, oh, ow)
+    return out[:, 0] if single else out
 
 
 def _sample_points(start: torch.Tensor, end: torch.Tensor, n: int) -> torch.Tensor:
     """Pixel coordinates of n half-pixel-centred samples over [start, end), clamped inside it."""
     length = (end - start).clamp(min=1)
     t = (torch.arange(n, device=start.device, dtype=start.dtype) + 0.5) / n
-    offset = (t[None] * length[:, None] - 0.5).clamp(min=0)
-    return start[:, None] + torch.minimum(offset, length[:, None] - 1)
+    offset = (t * length[..., None] - 0.5).clamp(min=0)
+    return start[..., None] + torch.minimum(offset, length[..., None] - 1)

@@ -1,9 +1,12 @@
-"""The composition model: backbone -> selector -> crop -> the same backbone again -> head.
+"""The composition model: backbone -> selector -> crop -> the same backbone again, and the
+texture branch beside them -> head.
 
-With `selector=none` it is the plain backbone and head. With a selector (GLSim and its
-baselines) the first pass's tokens give a box per image, the boxes are cropped in one batched
-op, the crops go through the same backbone (with their own CLS token unless shared), and the
-head sees both pooled features."""
+With `selector=none` and `texture=none` it is the plain backbone and head. With a selector
+(GLSim and its baselines) the first pass's tokens give a box per image, the boxes are cropped
+in one batched op, the crops go through the same backbone (with their own CLS token unless
+shared), and the head sees both pooled features. With `texture=gabor` the first pass's tokens
+(or the GLSim box) choose the regions whose Gabor texture features are added to the global
+feature (or given to the head as one more feature)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import crop
 from fgvr.models.selectors import Selection, Selector
+from fgvr.models.texture import GaborTexture, Regions
 
 
 class FGVRModel(nn.Module):
@@ -28,14 +32,17 @@ class FGVRModel(nn.Module):
 
     Images arrive at `input_size` (S), or `selector.source_scale` times larger when the selector
     crops from the original resolution; the first pass then sees them resized to S. `extras`
-    holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch `scores` (B, h, w)."""
+    holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch `scores` (B, h, w),
+    and the texture branch's `regions` (B, K, 4), `region_weights` (B, K) and gate
+    `region_scores` (B, P)."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, selector: Selector | None = None,
-                 input_size: int = 224):
+                 input_size: int = 224, texture: GaborTexture | None = None):
         super().__init__()
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.backbone = backbone
         self.selector = selector
+        self.texture = texture
         self.head = head
         self.input_size = input_size
         self.source_scale = selector.source_scale if selector is not None else 1.0
@@ -45,6 +52,8 @@ class FGVRModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         extra = {"crop_cls"} if self.crop_cls is not None else set()
+        if self.texture is not None:
+            extra |= {f"texture.{n}" for n in self.texture.no_weight_decay()}
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | extra
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,17 +82,38 @@ class FGVRModel(nn.Module):
         """The boxes (S-pixel coordinates) cropped from the source and passed through the backbone."""
         return self.backbone.forward_tokens(self.crops(source, boxes), self.crop_cls)
 
+    def texture_pass(self, images: torch.Tensor, tokens: Tokens, image_hw: tuple[int, int],
+                     boxes: torch.Tensor | None) -> tuple[torch.Tensor, Regions]:
+        """The texture branch: its regions (from the first pass's tokens, or the selector's
+        boxes) cut from the images (uint8 or 0-255 floats, at the loaders' size) -> (B, D)."""
+        regions = self.texture.regions(tokens, image_hw, boxes)
+        feat = self.texture(images.float() / 255, regions.boxes * self.source_scale, regions.weights)
+        return feat, regions
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source, x = self.prepare(images)
         tokens = self.first_pass(x)
-        if self.selector is None:
-            return self.head(tokens.pooled), {}
-        selection: Selection = self.selector(tokens, x.shape[-2:])
-        crop_tokens = self.second_pass(source, selection.boxes)
-        extras = {"boxes": selection.boxes}
-        if selection.scores is not None:
-            extras["scores"] = selection.scores
-        return self.head(tokens.pooled, crop_tokens.pooled), extras
+        global_feat, crop_feat, texture_feat, extras = tokens.pooled, None, None, {}
+        if self.selector is not None:
+            selection: Selection = self.selector(tokens, x.shape[-2:])
+            crop_feat = self.second_pass(source, selection.boxes).pooled
+            extras["boxes"] = selection.boxes
+            if selection.scores is not None:
+                extras["scores"] = selection.scores
+        if self.texture is not None:
+            texture_feat, regions = self.texture_pass(images, tokens, x.shape[-2:], extras.get("boxes"))
+            extras |= {"regions": regions.boxes, "region_weights": regions.weights}
+            if regions.scores is not None:
+                extras["region_scores"] = regions.scores
+        return self.classify(global_feat, crop_feat, texture_feat), extras
+
+    def classify(self, global_feat: torch.Tensor, crop_feat: torch.Tensor | None,
+                 texture_feat: torch.Tensor | None) -> torch.Tensor:
+        """The head on the features; the texture feature added to the global one (H = M + sum_r
+        s_r T_r) unless texture.fusion=token makes it an input of its own."""
+        if texture_feat is not None and self.texture.fusion == "add":
+            global_feat, texture_feat = global_feat + texture_feat.to(global_feat.dtype), None
+        return self.head(global_feat, crop_feat, texture_feat)
 
 
 def source_scale(cfg: DictConfig) -> float:
@@ -131,6 +161,13 @@ def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     if selector is not None and selector.needs_transformer and not backbone.is_transformer:
         raise ConfigError(f"selector={selector.name}: needs a ViT backbone (attention maps); "
                           f"{b.name} is a CNN")
+    texture = None
+    if cfg.texture.get("_target_"):
+        texture = _instantiate("texture", cfg.texture, in_features=backbone.num_features)
+        if texture.regions_from == "glsim" and selector is None:
+            raise ConfigError("texture.regions=glsim takes the selector's box, but selector=none; "
+                              "add selector=glsim or use texture.regions=proposals")
+    num_inputs = 1 + (selector is not None) + (texture is not None and texture.fusion == "token")
     head = _instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
-                        num_inputs=1 if selector is None else 2)
-    return FGVRModel(backbone, head, selector, cfg.data.img_size)
+                        num_inputs=num_inputs)
+    return FGVRModel(backbone, head, selector, cfg.data.img_size, texture)

@@ -1,4 +1,5 @@
-"""What a model costs: forward FLOPs of each stage and the selector's share of a training step.
+"""What a model costs: forward FLOPs of each stage, and the selector's and the texture branch's
+shares of a training step.
 
 Measured once, at the end of a run, on one training batch (so the training loop itself never
 synchronises for it); results.json keeps it under `cost`."""
@@ -29,12 +30,14 @@ def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
         source, x = model.prepare(image)
         tokens, flops = count(lambda: model.first_pass(x))
         out = {"first_pass": flops}
-        crop_feat = None
+        crop_feat = texture_feat = boxes = None
         if model.selector is not None:
             selection, out["selection"] = count(lambda: model.selector(tokens, x.shape[-2:]))
             crop_tokens, out["second_pass"] = count(lambda: model.second_pass(source, selection.boxes))
-            crop_feat = crop_tokens.pooled
-        _, out["head"] = count(lambda: model.head(tokens.pooled, crop_feat))
+            crop_feat, boxes = crop_tokens.pooled, selection.boxes
+        if model.texture is not None:
+            (texture_feat, _), out["texture"] = count(lambda: model.texture_pass(image, tokens, x.shape[-2:], boxes))
+        _, out["head"] = count(lambda: model.classify(tokens.pooled, crop_feat, texture_feat))
     out["total"] = sum(out.values())
     return {k: round(v, 6) for k, v in out.items()}
 
@@ -55,8 +58,10 @@ def _median_ms(fn: Callable, device: torch.device, reps: int, setup: Callable = 
 
 def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
                  reps: int = 5) -> dict:
-    """Stage FLOPs, the time of a training step (forward + backward) on this batch, and of the
-    selection alone (the selector's call on the first pass's tokens). Leaves no gradients behind."""
+    """Stage FLOPs, the time of a training step (forward + backward) on this batch, of the
+    selection alone (the selector's call on the first pass's tokens) and of the texture branch
+    alone (its regions, filters and statistics, forward + backward, on the first pass's tokens).
+    Leaves no gradients behind."""
     device = images.device
     autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
     cost: dict = {"gflops_per_image": stage_flops(model, images[:1]), "batch_size": len(images)}
@@ -68,18 +73,32 @@ def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, a
             F.cross_entropy(logits.float(), labels).backward()
 
     cost["step_ms"] = round(_median_ms(step, device, reps), 3)
-    model.zero_grad(set_to_none=True)
-    if model.selector is not None:
-        def first_pass():
-            with torch.no_grad(), autocast():
-                _, x = model.prepare(images)
-                return model.first_pass(x), x.shape[-2:]
 
+    def first_pass():
+        with torch.no_grad(), autocast():
+            _, x = model.prepare(images)
+            return model.first_pass(x), x.shape[-2:]
+
+    if model.selector is not None:
         def select(arg) -> None:
-            tokens, hw = arg
             with autocast():
-                model.selector(tokens, hw)
+                model.selector(*arg)
 
         cost["select_ms"] = round(_median_ms(select, device, reps, setup=first_pass), 4)
         cost["select_share_pct"] = round(100 * cost["select_ms"] / cost["step_ms"], 4)
+    if model.texture is not None:
+        def texture_inputs():  # the first pass's tokens, and the selector's boxes for regions=glsim
+            tokens, hw = first_pass()
+            with torch.no_grad(), autocast():
+                boxes = model.selector(tokens, hw).boxes if model.selector is not None else None
+            return tokens, hw, boxes
+
+        def texture(arg) -> None:
+            with autocast():
+                feat, _ = model.texture_pass(images, *arg)
+            feat.float().sum().backward()
+
+        cost["texture_ms"] = round(_median_ms(texture, device, reps, setup=texture_inputs), 4)
+        cost["texture_share_pct"] = round(100 * cost["texture_ms"] / cost["step_ms"], 4)
+    model.zero_grad(set_to_none=True)
     return cost

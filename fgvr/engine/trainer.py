@@ -115,11 +115,12 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
              limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%), img/s and, for a model with a selector on data with
-    boxes, the crops' localisation: mean IoU with the ground-truth box (`crop_iou`) and the % of
-    crops that contain its centre (`crop_hit`). One host-device sync."""
+    """Loss, top-1 and top-5 accuracy (%), img/s and, on data with boxes, how well the model's
+    regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
+    and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
+    region, the same as `region_iou` and `region_hit`. One host-device sync."""
     model.eval()
-    totals = torch.zeros(6, device=device)  # loss sum, top-1 hits, top-5 hits, IoU sum, crop hits, boxes
+    totals = torch.zeros(9, device=device)  # loss sum, top-1 hits, top-5 hits, (IoU sum, hits, boxes) x 2
     n, start = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
@@ -129,18 +130,20 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
             logits, extras = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        local = (localisation(extras["boxes"].float(), batch.boxes.to(device) * model.input_size)
-                 if "boxes" in extras else torch.zeros(3, device=device))
+        truth = batch.boxes.to(device) * model.input_size
+        local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
+                 for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
         totals += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                                           (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
-                             local])
+                             *local])
         n += len(labels)
-    loss, top1, top5, iou, hits, boxed = totals.tolist()
+    loss, top1, top5, *local = totals.tolist()
     elapsed = time.perf_counter() - start
     n = max(n, 1)
     out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
-    if boxed:
-        out |= {"crop_iou": iou / boxed, "crop_hit": 100 * hits / boxed}
+    for name, (iou, hits, boxed) in (("crop", local[:3]), ("region", local[3:])):
+        if boxed:
+            out |= {f"{name}_iou": iou / boxed, f"{name}_hit": 100 * hits / boxed}
     return out
 
 
@@ -308,9 +311,11 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
              len(loaders.test.dataset), run.dir)
     batch = next(iter(loaders.train))
     cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp)
-    log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s", cost["gflops_per_image"]["total"], cost["step_ms"],
+    log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"], cost["step_ms"],
              f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
-             if "select_ms" in cost else "")
+             if "select_ms" in cost else "",
+             f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
+             if "texture_ms" in cost else "")
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     return {
         "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,
@@ -318,5 +323,6 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         "train_img_per_s": sum(n for n, _ in timed) / sum(s for _, s in timed) if timed else None,
         "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
         "params_m": round(params_m, 3), "steps": step, "skipped_images": skipped,
-        "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "cost": cost,
+        "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
+        "region_hit": test.get("region_hit"), "cost": cost,
     }

@@ -113,11 +113,14 @@ class GaborBank(nn.Module):
         """(2N, 1, K, K): the real (even) kernels, then the imaginary (odd) ones; each part
         zero-mean, each complex kernel of unit L2 norm (both parts together, so a filter whose
         odd part vanishes at W = 0 is not blown up)."""
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.theta, self.freq))
-        key = (self.theta.device, self.theta._version, self.sigma_x._version, self.sigma_y._version,
-               self.freq._version)
-        if not grad and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if torch.is_grad_enabled() and self.theta.requires_grad:
+            return self._generate()
+        key = (self.theta.device, *(getattr(self, n)._version for n in ("theta", "sigma_x", "sigma_y", "freq")))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._generate())
+        return self._cache[1]
+
+    def _generate(self) -> torch.Tensor:
         p = {k: v[:, None, None] for k, v in self.params().items()}
         cos, sin = torch.cos(p["theta"]), torch.sin(p["theta"])
         x = self.xx * cos + self.yy * sin  # rotated coordinates, (N, K, K)
@@ -127,10 +130,7 @@ class GaborBank(nn.Module):
         k = torch.stack([envelope * torch.cos(phase), envelope * torch.sin(phase)])  # (2, N, K, K)
         k = k - k.mean((-2, -1), keepdim=True)
         k = k / k.square().sum((0, -2, -1), keepdim=True).sqrt().clamp(min=1e-8)
-        k = k.flatten(0, 1)[:, None]
-        if not grad:
-            self._cache = (key, k)
-        return k
+        return k.flatten(0, 1)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, S, S) regions -> (R, C * N, h, w) response magnitudes (valid convolution, float32)."""
@@ -191,7 +191,7 @@ class SoftHistogram(nn.Module):
 class TextureEncoder(nn.Module):
     """Regions (R, C, S, S) -> texture features (R, out_features): the Gabor bank, a soft
     histogram per response, an MLP over each filter's (levels, counts) -> a descriptor, the
-    filter parameters (and, for RGB, the channel) embedded into it, self-attention across the
+    filter's parameters (and, for RGB, its channel) embedded into it, self-attention across the
     descriptors, mean over the filters, LayerNorm and a linear map to the backbone width."""
 
     def __init__(self, out_features: int, channels: int = 1, num_filters: int = 32, kernel_size: int = 11,
@@ -199,7 +199,6 @@ class TextureEncoder(nn.Module):
                  learnable_histogram: bool = True, dim: int = 64, attn_layers: int = 1):
         super().__init__()
         self.bank = GaborBank(num_filters, kernel_size, learnable, split_bands, stride)
-        self.channels = channels
         self.hist = SoftHistogram(channels * num_filters, levels, learnable_histogram)
         self.describe = nn.Sequential(nn.Linear(2 * levels, dim), nn.GELU(), nn.Linear(dim, dim))
         self.encode_filter = nn.Linear(5, dim)

@@ -1,9 +1,12 @@
-"""`fgvr viz ckpt=<run dir or .pt> n=16`: what the selector looked at, one PNG per image.
+"""`fgvr viz ckpt=<run dir or .pt> n=16`: what the selector and the texture branch looked at,
+one PNG per image.
 
 Each PNG shows the image with the patch-score heat map, the selected box (green) and the
 ground-truth box (white, where the data has one), the crop the second pass saw, and the
-prediction against the label. With logger=wandb in the run, the same panels go to its W&B run
-as a table."""
+prediction against the label. With the texture branch it also shows its regions (yellow, the
+gate's weight beside each; thin where the weight is 0) and a strip with the best region and the
+four filters that respond most to it: each kernel (real part) above its response. With
+logger=wandb in the run, the same panels go to its W&B run as a table."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from fgvr.tracking.run import init_wandb
 log = logging.getLogger(__name__)
 
 PANEL = 224  # display size of each panel, px
-GREEN, WHITE, RED = (40, 220, 40), (255, 255, 255), (230, 40, 40)
+GREEN, WHITE, RED, YELLOW = (40, 220, 40), (255, 255, 255), (230, 40, 40), (250, 220, 30)
+SHOWN_FILTERS = 4
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -34,14 +38,32 @@ def _panel(image: np.ndarray) -> np.ndarray:
     return cv2.resize(image, (PANEL, PANEL), interpolation=cv2.INTER_NEAREST if image.shape[0] < 64 else cv2.INTER_AREA)
 
 
-def _box(image: np.ndarray, box, size: int, colour) -> None:
+def _box(image: np.ndarray, box, size: int, colour, thickness: int = 2) -> None:
     x1, y1, x2, y2 = (int(round(v * PANEL / size)) for v in box)
-    cv2.rectangle(image, (x1, y1), (max(x2 - 1, x1), max(y2 - 1, y1)), colour, 2)
+    cv2.rectangle(image, (x1, y1), (max(x2 - 1, x1), max(y2 - 1, y1)), colour, thickness)
+
+
+def _gray(values: np.ndarray, side: int, signed: bool = False) -> np.ndarray:
+    """A 2-d float map -> (side, side, 3) uint8, min-max scaled (symmetric about 0 if signed)."""
+    if signed:
+        v = 0.5 + 0.5 * values / max(float(np.abs(values).max()), 1e-8)
+    else:
+        v = (values - values.min()) / max(float(values.max() - values.min()), 1e-8)
+    img = cv2.resize((255 * v).astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST)
+    return np.repeat(img[..., None], 3, axis=-1)
+
+
+def texture_strip(region: np.ndarray, kernels: list[np.ndarray], responses: list[np.ndarray]) -> np.ndarray:
+    """[the region | per filter: its kernel above its response], RGB uint8, PANEL high."""
+    half = PANEL // 2
+    cols = [np.concatenate([_gray(k, half, signed=True), _gray(r, half)], axis=0) for k, r in zip(kernels, responses)]
+    return np.concatenate([_panel(region), *cols], axis=1)
 
 
 def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: np.ndarray | None,
-           title: str, correct: bool) -> np.ndarray:
-    """One figure: [image + heat map + boxes | crop] under a title line, RGB uint8."""
+           title: str, correct: bool, regions: list | None = None, strip: np.ndarray | None = None) -> np.ndarray:
+    """One figure: [image + heat map + boxes | crop] under a title line, and below it the texture
+    strip if given; `regions` are (box, weight) pairs. RGB uint8."""
     size = image.shape[0]
     left = _panel(image)
     if scores is not None:
@@ -51,10 +73,18 @@ def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: n
         left = cv2.addWeighted(left, 0.55, heat, 0.45, 0)
     if truth is not None:
         _box(left, truth, size, WHITE)
+    for region, weight in regions or []:
+        _box(left, region, size, YELLOW, 2 if weight > 0 else 1)
+        x, y = (int(round(v * PANEL / size)) for v in region[:2])
+        cv2.putText(left, f"{weight:.2f}", (x + 3, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, YELLOW, 1, cv2.LINE_AA)
     if box is not None:
         _box(left, box, size, GREEN)
     panels = [left] + ([_panel(crop_img)] if crop_img is not None else [])
     body = np.concatenate(panels, axis=1)
+    if strip is not None:
+        width = max(body.shape[1], strip.shape[1])
+        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))  # noqa: E731
+        body = np.concatenate([pad(body), pad(strip)], axis=0)
     bar = np.full((28, body.shape[1], 3), 20, np.uint8)
     cv2.putText(bar, title, (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, GREEN if correct else RED, 1, cv2.LINE_AA)
     return np.concatenate([bar, body], axis=0)
@@ -81,13 +111,15 @@ def visualise(cfg: VizConfig) -> list[Path]:
         boxes = boxes.cpu().tolist() if boxes is not None else None
         scores = scores.float().cpu().numpy() if scores is not None else None
         truths = batch.boxes * model.input_size
+        regions, strips = _texture(model, images, extras) if model.texture is not None else (None, None)
         for i in range(min(len(images), cfg.n - len(paths))):
             pred, label = preds[i], int(batch.labels[i])
             truth = truths[i].tolist() if truths[i].isfinite().all() else None
             figure = render(_to_uint8(shown[i]), scores[i] if scores is not None else None,
                             boxes[i] if boxes is not None else None, truth,
                             _to_uint8(crops[i]) if crops is not None else None,
-                            f"pred {classes[pred]} | label {classes[label]}", pred == label)
+                            f"pred {classes[pred]} | label {classes[label]}", pred == label,
+                            regions[i] if regions is not None else None, strips[i] if strips is not None else None)
             path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
             cv2.imwrite(str(path), figure[..., ::-1])
             paths.append(path)
@@ -98,6 +130,25 @@ def visualise(cfg: VizConfig) -> list[Path]:
     if run.cfg.logger.name == "wandb":
         _to_wandb(run, rows, cfg.split)
     return paths
+
+
+def _texture(model, images: torch.Tensor, extras: dict) -> tuple[list, list]:
+    """Per image: its texture regions as (box, weight) pairs, and the strip of its best region
+    with the SHOWN_FILTERS filters that respond most to it."""
+    texture = model.texture
+    best = extras["regions"][:, :1]  # the gate's (or GLSim's) first region
+    region = texture.crops(images.float() / 255, best * model.source_scale)[:, 0]  # (B, C, S, S)
+    bank = texture.encoder.bank
+    maps = bank(region)  # (B, C * N, h, w)
+    top = maps.mean((-2, -1)).topk(min(SHOWN_FILTERS, maps.shape[1]), dim=-1).indices
+    kernels = bank.kernels()[:bank.num_filters, 0].cpu().numpy()  # real parts
+    maps, region, top = maps.cpu().numpy(), (region.mean(1) * 255).cpu().numpy(), top.cpu().tolist()
+    boxes, weights = extras["regions"].cpu().tolist(), extras["region_weights"].float().cpu().tolist()
+    regions = [list(zip(b, w)) for b, w in zip(boxes, weights)]
+    strips = [texture_strip(np.repeat(region[i, ..., None].clip(0, 255).astype(np.uint8), 3, axis=-1),
+                            [kernels[j % bank.num_filters] for j in top[i]], [maps[i, j] for j in top[i]])
+              for i in range(len(boxes))]
+    return regions, strips
 
 
 def _to_wandb(run, rows: list, split: str) -> None:

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fgvr.engine import checkpoint
 from fgvr.errors import ConfigError, DataError
+from fgvr.models.texture import GaborBank
 from fgvr.tracking.run import read_events
 from tests.conftest import FGVR, TINY, fgvr
 
@@ -87,8 +89,22 @@ def test_selector_runs_report_localisation_and_cost(train_run):
     evals = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] != "train"]
     assert all({"crop_iou", "crop_hit"} <= e.keys() for e in evals) and {e["split"] for e in evals} == {"val", "test"}
     plain, _ = train_run("trainer.epochs=1", run_dir=run_dir.parent / "plain")
-    assert plain["crop_iou"] is None and "select_ms" not in plain["cost"] and "second_pass" not in plain["cost"][
+    assert plain["crop_iou"] is None and plain["region_iou"] is None and "select_ms" not in plain["cost"] and "second_pass" not in plain["cost"][
         "gflops_per_image"]
+
+
+def test_texture_runs_report_the_branch_cost_and_train_its_filters(train_run):
+    results, run_dir = train_run("texture=gabor", "texture.region_size=16", "texture.kernel_size=7",
+                                 "selector=glsim", "head=aggregator", "trainer.epochs=1")
+    cost = results["cost"]
+    assert cost["gflops_per_image"]["texture"] > 0 and 0 < cost["texture_ms"] < cost["step_ms"]
+    assert 0 < cost["texture_share_pct"] < 100
+    assert 0 <= results["region_iou"] <= 1 and 0 <= results["region_hit"] <= 100  # the gate's best region
+    assert all("region_iou" in e for e in read_events(run_dir / "metrics.jsonl") if e["split"] != "train")
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    theta = state["model"]["texture.encoder.bank.theta"]
+    fresh = GaborBank(theta.numel(), kernel_size=7).theta
+    assert not torch.allclose(theta, fresh)  # the Gabor parameters learned
 
 
 def test_failed_run_writes_failed_results(train_run, tmp_path):
@@ -199,7 +215,8 @@ def test_default_train_meets_the_bar(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [[], ["selector=glsim", "head=aggregator"]])
+@pytest.mark.parametrize("model", [[], ["selector=glsim", "head=aggregator"],
+                                   ["texture=gabor", "texture.region_size=16", "texture.kernel_size=7"]])
 def test_compile_trains(train_run, model):
     results, _ = train_run("trainer.epochs=1", "trainer.compile=true", *model)
     assert results["status"] == "finished"

@@ -44,3 +44,26 @@ def test_viz_command_and_its_errors(train_run, tmp_path):
                           (["ckpt=/nope"], "ckpt=/nope: no such file or run dir")]:
         proc = fgvr("viz", *args, cwd=tmp_path, check=False)
         assert proc.returncode == 2 and proc.stderr.strip() == f"fgvr viz: error: {message}", proc.stderr
+
+
+def test_render_draws_texture_regions_and_the_filter_strip():
+    import numpy as np
+
+    from fgvr.tracking.viz import texture_strip
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    strip = texture_strip(image, [np.eye(7) - 1 / 7] * 4, [np.random.rand(5, 5)] * 4)
+    assert strip.shape == (PANEL, PANEL + 4 * PANEL // 2, 3)
+    figure = render(image, None, None, None, None, "t", True, regions=[([0, 16, 16, 32], 0.8), ([16, 0, 32, 16], 0.0)],
+                    strip=strip)
+    assert figure.shape == (28 + 2 * PANEL, strip.shape[1], 3)
+    assert (figure[28 + PANEL - 2, 60] == (250, 220, 30)).all()  # the first region's bottom edge, yellow
+
+
+def test_viz_of_a_texture_run_shows_regions_and_filters(train_run):
+    _, run_dir = train_run("texture=gabor", "texture.region_size=16", "texture.kernel_size=7", "trainer.epochs=1")
+    (path,) = visualise(VizConfig(ckpt=str(run_dir), n=1))
+    figure = cv2.imread(str(path))[..., ::-1]
+    assert figure.shape == (28 + 2 * PANEL, PANEL + 4 * PANEL // 2, 3)
+    assert ((figure[28:28 + PANEL, :PANEL] == (250, 220, 30)).all(-1)).any()  # regions drawn
+    assert figure[28 + PANEL:, PANEL:].std() > 0  # kernels and responses drawn

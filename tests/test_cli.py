@@ -125,6 +125,19 @@ def test_each_dataset_has_a_glsim_and_a_plain_vit_experiment_with_one_recipe(com
     assert compose("+experiment=cub_448").data.img_size == 448
 
 
+def test_gabor_experiments(compose):
+    from omegaconf import OmegaConf
+
+    gabor = compose("+experiment=cub_gabor")
+    assert gabor.backbone.name == "resnet50.a1_in1k" and gabor.data.img_size == 448
+    assert gabor.texture._target_.endswith("GaborTexture") and gabor.texture.region_size == 112
+    assert gabor.selector == {} and gabor.head._target_.endswith("LinearHead")
+    both = OmegaConf.to_container(compose("+experiment=cub_glsim_gabor"), resolve=True)
+    glsim = OmegaConf.to_container(compose("+experiment=cub"), resolve=True)
+    assert both["texture"]["_target_"].endswith("GaborTexture") and glsim["texture"] == {}
+    assert {k for k in glsim if glsim[k] != both[k]} == {"name", "texture"}  # GLSim's recipe, plus the branch
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):

@@ -69,6 +69,7 @@ def test_learns_the_synthetic_set(train_run):
     ["selector=random", "selector.crop_source=original", "selector.crop_cls=shared"],
     ["selector=glsim", "selector.metric=l2", "backbone=resnet50", "backbone.name=test_resnet",
      "backbone.pretrained=false"],
+    ["texture=gabor", "texture.region_size=16", "texture.kernel_size=7", "trainer.precision=bf16"],
 ])
 def test_options_train(train_run, options):
     results, run_dir = train_run("trainer.epochs=1", *options)

@@ -33,8 +33,7 @@ class FGVRModel(nn.Module):
     Images arrive at `input_size` (S), or `selector.source_scale` times larger when the selector
     crops from the original resolution; the first pass then sees them resized to S. `extras`
     holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch `scores` (B, h, w),
-    and the texture branch's `regions` (B, K, 4), `region_weights` (B, K) and gate
-    `region_scores` (B, P)."""
+    and the texture branch's `regions` (B, K, 4) and `region_weights` (B, K)."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, selector: Selector | None = None,
                  input_size: int = 224, texture: GaborTexture | None = None):
@@ -103,8 +102,6 @@ class FGVRModel(nn.Module):
         if self.texture is not None:
             texture_feat, regions = self.texture_pass(images, tokens, x.shape[-2:], extras.get("boxes"))
             extras |= {"regions": regions.boxes, "region_weights": regions.weights}
-            if regions.scores is not None:
-                extras["region_scores"] = regions.scores
         return self.classify(global_feat, crop_feat, texture_feat), extras
 
     def classify(self, global_feat: torch.Tensor, crop_feat: torch.Tensor | None,

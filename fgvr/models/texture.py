@@ -230,7 +230,7 @@ class TextureEncoder(nn.Module):
 class Regions(NamedTuple):
     boxes: torch.Tensor  # (B, K, 4) x1 y1 x2 y2 in input pixels
     weights: torch.Tensor  # (B, K) each region's weight in the sum (0: below the threshold)
-    scores: torch.Tensor | None  # (B, P) every proposal's gate score, for visualisation
+    scores: torch.Tensor | None  # (B, P) every proposal's gate score (None for the GLSim box)
 
 
 def proposal_boxes(scales: list[float], ratios: list[float], step: float) -> torch.Tensor:

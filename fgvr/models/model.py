@@ -81,13 +81,17 @@ class FGVRModel(nn.Module):
         """The boxes (S-pixel coordinates) cropped from the source and passed through the backbone."""
         return self.backbone.forward_tokens(self.crops(source, boxes), self.crop_cls)
 
+    def texture_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, K, 4) boxes (S-pixel coordinates) cut from the images (uint8 or 0-255 floats, at the
+        loaders' size) for the texture branch -> (B, K, C, region_size, region_size)."""
+        return self.texture.crops(images.float() / 255, boxes * self.source_scale)
+
     def texture_pass(self, images: torch.Tensor, tokens: Tokens, image_hw: tuple[int, int],
                      boxes: torch.Tensor | None) -> tuple[torch.Tensor, Regions]:
         """The texture branch: its regions (from the first pass's tokens, or the selector's
-        boxes) cut from the images (uint8 or 0-255 floats, at the loaders' size) -> (B, D)."""
+        boxes) cut from the images and encoded -> (B, D)."""
         regions = self.texture.regions(tokens, image_hw, boxes)
-        feat = self.texture(images.float() / 255, regions.boxes * self.source_scale, regions.weights)
-        return feat, regions
+        return self.texture.encode(self.texture_crops(images, regions.boxes), regions.weights), regions
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source, x = self.prepare(images)
@@ -113,10 +117,15 @@ class FGVRModel(nn.Module):
         return self.head(global_feat, crop_feat, texture_feat)
 
 
+def build_selector(cfg: DictConfig) -> Selector | None:
+    return _instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
+
+
 def source_scale(cfg: DictConfig) -> float:
-    """How much larger than data.img_size the loaders must deliver images (selector.crop_source)."""
-    sel = cfg.get("selector") or {}
-    return float(sel.get("source_scale", 2.0)) if sel.get("crop_source") == "original" else 1.0
+    """How much larger than data.img_size the loaders must deliver images: the selector's own
+    rule (selector.crop_source, source_scale), asked of the selector the config describes."""
+    selector = build_selector(cfg)
+    return selector.source_scale if selector is not None else 1.0
 
 
 def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:
@@ -149,7 +158,7 @@ def _init_args(cls: type, given: dict) -> list[str]:
 
 def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     """Build the model a composed train config describes."""
-    selector = _instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
+    selector = build_selector(cfg)
     b = cfg.backbone
     kwargs = dict(b.kwargs)
     if selector is not None and selector.crop_size not in (None, cfg.data.img_size):

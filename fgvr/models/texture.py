@@ -80,9 +80,10 @@ class GaborBank(nn.Module):
                              persistent=False)
         self.register_buffer("w_high", (band + 1) * self.w_max / 2 if split_bands else
                              torch.full((num_filters,), self.w_max), persistent=False)
-        r = torch.arange(kernel_size) - kernel_size // 2
-        self.register_buffer("yy", r[:, None].float().expand(kernel_size, kernel_size).clone(), persistent=False)
-        self.register_buffer("xx", r[None, :].float().expand(kernel_size, kernel_size).clone(), persistent=False)
+        r = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
+        yy, xx = torch.meshgrid(r, r, indexing="ij")
+        self.register_buffer("yy", yy, persistent=False)
+        self.register_buffer("xx", xx, persistent=False)
         if split_bands:  # every orientation once per band
             theta = (torch.arange(num_filters) % n + 0.5) / n
             freq = torch.full((num_filters,), 0.5)
@@ -356,7 +357,10 @@ class GaborTexture(nn.Module):
             image = (pixels.float() * self.luma).sum(1, keepdim=True) if self.gray else pixels.float()
             return crop(image, boxes.float(), self.region_size)
 
-    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        regions = self.crops(pixels, boxes)
-        feats = self.encoder(regions.flatten(0, 1)).unflatten(0, boxes.shape[:2])  # (B, K, D)
+    def encode(self, crops: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, K, C, S, S) region crops and their (B, K) weights -> the weighted sum (B, D)."""
+        feats = self.encoder(crops.flatten(0, 1)).unflatten(0, crops.shape[:2])  # (B, K, D)
         return (weights[..., None].to(feats.dtype) * feats).sum(1)
+
+    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.crops(pixels, boxes), weights)

@@ -135,10 +135,8 @@ def visualise(cfg: VizConfig) -> list[Path]:
 def _texture(model, images: torch.Tensor, extras: dict) -> tuple[list, list]:
     """Per image: its texture regions as (box, weight) pairs, and the strip of its best region
     with the SHOWN_FILTERS filters that respond most to it."""
-    texture = model.texture
-    best = extras["regions"][:, :1]  # the gate's (or GLSim's) first region
-    region = texture.crops(images.float() / 255, best * model.source_scale)[:, 0]  # (B, C, S, S)
-    bank = texture.encoder.bank
+    region = model.texture_crops(images, extras["regions"][:, :1])[:, 0]  # the best region, (B, C, S, S)
+    bank = model.texture.encoder.bank
     maps = bank(region)  # (B, C * N, h, w)
     top = maps.mean((-2, -1)).topk(min(SHOWN_FILTERS, maps.shape[1]), dim=-1).indices
     kernels = bank.kernels()[:bank.num_filters, 0].cpu().numpy()  # real parts

@@ -88,10 +88,10 @@ def read_cub(root: str | Path) -> Splits:
             raise DataError(f"{root}: image id {i} ({rel}) has no label or no split entry")
         if labels[i] not in to_index:
             raise DataError(f"{root / 'image_class_labels.txt'}: class {labels[i]} of image {i} not in classes.txt")
-        p, l, b = split[is_train[i]]
-        p.append(str(root / "images" / rel))
-        l.append(to_index[labels[i]])
-        b.append(boxes.get(i, nan_box))
+        paths, targets, part_boxes = split[is_train[i]]
+        paths.append(str(root / "images" / rel))
+        targets.append(to_index[labels[i]])
+        part_boxes.append(boxes.get(i, nan_box))
     return Splits(make_records(*split[True]), make_records(*split[False]), [names[c] for c in class_ids])
 
 

@@ -14,7 +14,10 @@ from fgvr.errors import ConfigError, DataError
 def test_load_image_converts_every_mode_to_rgb(tmp_path, mode, suffix):
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[:, :15] = (200, 40, 10)
-    image = Image.fromarray(rgb).convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 256)
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 256)
+    else:
+        image = Image.fromarray(rgb).convert(mode)
     path = tmp_path / f"img{suffix}"
     image.save(path)
     out = load_image(str(path))
@@ -79,7 +82,8 @@ def test_augmentation_depends_on_seed_epoch_index_not_on_worker(tmp_path):
     tf = train_transform(16, 1.5, AugmentConfig(hflip=True, trivial_augment=True, random_erasing=0.5))
     ds = ImageDataset(records, tf, seed=1)
     a = ds[(0, 0)][0]
-    assert (a == ImageDataset(records, train_transform(16, 1.5, AugmentConfig(True, True, 0.5)), seed=1)[(0, 0)][0]).all()
+    again = ImageDataset(records, train_transform(16, 1.5, AugmentConfig(True, True, 0.5)), seed=1)
+    assert (a == again[(0, 0)][0]).all()
     assert any((a != ds[(0, e)][0]).any() for e in range(1, 5))  # a new epoch draws new crops
 
 

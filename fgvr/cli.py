@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 
 USAGE = """\
@@ -46,12 +47,49 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra then lets exceptions through instead of printing a trimmed traceback itself, so
     # that user errors can be reported here in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    if command == "train" and not multirun:
+        _check_shared_run_dir(rest)
     sys.argv = [f"fgvr {command}", *rest]
     try:
         _hydra_app(command)()
     except Exception as e:
+        if multirun:
+            _sweep_summary(failure=e)
         _exit_on_user_error(command, e)
         raise
+    if multirun and command == "train":
+        _sweep_summary()
+
+
+def _check_shared_run_dir(args: list[str]) -> None:
+    """Ranks started by torchrun or srun each compose the config: a run dir from the clock would
+    differ between them, so they must be given one."""
+    external = "WORLD_SIZE" in os.environ or (int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+                                             and "SUBMITIT_EXECUTOR" not in os.environ)
+    if external and not any(a.startswith("hydra.run.dir=") for a in args):
+        print("fgvr train: error: this is one of several processes (torchrun or srun); pass hydra.run.dir=DIR "
+              "so that all of them share one run dir", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sweep_summary(failure: Exception | None = None) -> None:
+    """After a multirun: exit 1 if a run failed. If the launcher itself gave up on a job (a SLURM
+    job killed before it could report), print the sweep's summary, which Hydra then skips."""
+    from fgvr.tracking.sweep import SweepSummary, format_summary, sweep_runs
+
+    sweep_dir = SweepSummary.last_sweep_dir
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return
+    runs = sweep_runs(sweep_dir)
+    if failure is not None:
+        print(format_summary(sweep_dir, runs), file=sys.stderr)
+        return
+    failed = [r for r in runs if r.status != "finished" and r.status != "interrupted"]
+    if failed:
+        print(f"fgvr train: error: {len(failed)} of {len(runs)} runs failed (listed above), e.g. {failed[0].dir}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def _exit_on_user_error(command: str, e: Exception) -> None:
@@ -85,6 +123,12 @@ def _train_task(cfg) -> float | None:
             raise
         message, _ = user_error(e, "train")  # a sweep goes on with its other runs; results.json says why
         log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
+        return None
+    if results["status"] == "interrupted":
+        log.warning("stopped by %s at step %d; %s/checkpoints/last.pt holds the run: relaunching with this run dir "
+                    "resumes it", results["signal"], results["steps"], run.dir)
+        # Hand the signal to whoever listened before training: submitit requeues the job, a plain process ends.
+        signal.raise_signal(signal.Signals[results["signal"]])
         return None
     return results["test_acc"]
 

@@ -44,6 +44,12 @@ class OptimName(Enum):
     adamw = "adamw"
 
 
+class LrScale(Enum):
+    none = "none"  # optim.lr as given, whatever the batch of a step
+    linear = "linear"  # x (step batch / optim.lr_batch_size)
+    sqrt = "sqrt"  # x sqrt(step batch / optim.lr_batch_size)
+
+
 @dataclass
 class BackboneConfig:
     name: str = MISSING  # any timm model name, optionally with a pretrained tag
@@ -98,12 +104,16 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    # A step sees data.batch_size x processes x trainer.accum_steps images; lr_scale adapts lr to that.
+    lr_scale: LrScale = LrScale.none
+    lr_batch_size: Optional[int] = None  # the step batch lr was chosen for; default data.batch_size
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int = 1  # processes (GPUs) fgvr starts on this machine for one DDP run; see engine/distributed.py
     precision: Precision = Precision.auto
     accum_steps: int = 1
     grad_clip: Optional[float] = None  # max gradient norm

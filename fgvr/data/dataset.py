@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fgvr.config import DataConfig, DataFormat
 from fgvr.data.readers import READERS, Records, Splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
+from fgvr.engine.preemption import ignore_stop_signals
 from fgvr.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -94,24 +95,37 @@ def collate(samples: list) -> Batch:
 
 
 class EpochSampler(Sampler):
-    """Yields (index, epoch): a fresh permutation per epoch, seeded by (seed, epoch)."""
+    """Yields (index, epoch) keys for this rank: a fresh permutation per epoch, seeded by
+    (seed, epoch), dealt out to the ranks in turn (rank r takes positions r, r + W, ...).
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+    For training (`pad=True`) the order is padded by repeating its start to a multiple of the
+    world size, as torch's DistributedSampler does, so every rank runs the same number of steps.
+    Evaluation shards are not padded, so sums over ranks count every image once.
+    `set_epoch(epoch, start)` begins the epoch after its first `start` samples (over all ranks):
+    a run resumed mid-epoch sees exactly the batches an uninterrupted run would have seen."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad: bool = False):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size, self.pad = n, shuffle, seed, rank, world_size, pad
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> torch.Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        if self.pad:
+            order = order[torch.arange(-(-self.n // self.world_size) * self.world_size) % self.n]
+        return order[self.start:][self.rank::self.world_size]
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._order())
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = range(self.n)
-        return ((i, self.epoch) for i in order)
+        return ((i, self.epoch) for i in self._order().tolist())
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,16 +183,17 @@ class Loaders:
     classes: list[str]
 
 
-def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0) -> Loaders:
-    """Train / val / test loaders; `scale` > 1 delivers images that much larger than data.img_size
-    (the same view at a higher resolution, for selector.crop_source=original)."""
+def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0,
+                  rank: int = 0, world_size: int = 1) -> Loaders:
+    """Train / val / test loaders of one rank; `scale` > 1 delivers images that much larger than
+    data.img_size (the same view at a higher resolution, for selector.crop_source=original)."""
     splits = read_splits(cfg, cache_dir)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
     parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
+    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=ignore_stop_signals,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def loader(name: str, train: bool) -> DataLoader | None:
@@ -188,11 +203,11 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
         size = round(cfg.img_size * scale)
         tf = train_transform(size, cfg.resize_ratio, cfg.augment) if train else eval_transform(size, cfg.resize_ratio)
         ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad)
-        sampler = EpochSampler(len(records), shuffle=train, seed=seed)
+        sampler = EpochSampler(len(records), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
         # Its own generator: worker seeds never draw from (and shift) the global torch RNG,
         # so a resumed run continues with the same random stream as an uninterrupted one.
         return DataLoader(ds, batch_size=cfg.batch_size if train else eval_bs, sampler=sampler,
-                          drop_last=train and len(records) > cfg.batch_size,
+                          drop_last=train and len(sampler) > cfg.batch_size,
                           generator=torch.Generator().manual_seed(seed), **common)
 
     train = loader("train", True)

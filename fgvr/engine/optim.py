@@ -6,7 +6,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from fgvr.config import OptimName
+from fgvr.config import LrScale, OptimName
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,13 +21,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+def scaled_lr(cfg, step_batch: int, batch_size: int) -> float:
+    """optim.lr for a step of `step_batch` images: as given (optim.lr_scale=none), or scaled
+    linearly or by the square root from optim.lr_batch_size, the batch the lr was chosen for
+    (default: `batch_size`, i.e. data.batch_size in one process without accumulation)."""
+    rule = LrScale(cfg.lr_scale) if not isinstance(cfg.lr_scale, LrScale) else cfg.lr_scale
+    ratio = step_batch / (cfg.lr_batch_size or batch_size)
+    return cfg.lr * {LrScale.none: 1.0, LrScale.linear: ratio, LrScale.sqrt: ratio**0.5}[rule]
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     name = OptimName(cfg.name) if not isinstance(cfg.name, OptimName) else cfg.name
     if name is OptimName.sgd:
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, **fast)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False, **fast)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fast)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> CosineLRScheduler:

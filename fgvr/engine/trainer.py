@@ -3,15 +3,22 @@ evaluate, checkpoint. Features are flags in `cfg.trainer`, not callbacks.
 
 A run dir holds everything: `.hydra/` (the resolved config), `metrics.jsonl`, `checkpoints/
 {last,best}.pt` and, at the end, `results.json`. Relaunching with the same run dir resumes
-from `checkpoints/last.pt` (resume=auto)."""
+from `checkpoints/last.pt` (resume=auto). last.pt is written after every epoch and, when the
+job is told to stop (SIGUSR2 before a SLURM time limit, SIGTERM), at the next step boundary;
+a resume is exact: model, optimizer, scheduler, step, RNG states and the position in the
+epoch's sample order. With several processes (engine/distributed.py) each rank trains on its
+shard of every batch and rank 0 writes the files."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import random
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -21,12 +28,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fgvr.config import Precision
 from fgvr.data.dataset import build_loaders
-from fgvr.engine import checkpoint
+from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
-from fgvr.engine.optim import build_optimizer, build_scheduler
+from fgvr.engine.distributed import AnyRank, Dist
+from fgvr.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from fgvr.engine.preemption import Interrupted, StopOnSignal
 from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import localisation
@@ -37,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change; any other difference means it is a different run.
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
-                     "trainer.compile", "trainer.limit_eval_batches", "data.root", "data.num_workers",
+                     "trainer.compile", "trainer.limit_eval_batches", "trainer.devices", "data.root", "data.num_workers",
                      "data.eval_batch_size", "logger", "resume", "paths", "name")
 
 
@@ -114,14 +124,15 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
-             limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
+             limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%), img/s and, on data with boxes, how well the model's
     regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
     and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
-    region, the same as `region_iou` and `region_hit`. One host-device sync."""
+    region, the same as `region_iou` and `region_hit`. Summed over all ranks' shards, so the
+    numbers are over the whole split. One host-device sync."""
     model.eval()
-    totals = torch.zeros(9, device=device)  # loss sum, top-1 hits, top-5 hits, (IoU sum, hits, boxes) x 2
-    n, start = 0, time.perf_counter()
+    totals = torch.zeros(10, device=device)  # loss sum, top-1 hits, top-5 hits, (IoU sum, hits, boxes) x 2, n
+    start = time.perf_counter()
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
@@ -135,9 +146,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
                  for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
         totals += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                                           (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
-                             *local])
-        n += len(labels)
-    loss, top1, top5, *local = totals.tolist()
+                             *local, totals.new_tensor([len(labels)])])
+    loss, top1, top5, *local, n = distributed.all_reduce_(totals, dist).tolist()
     elapsed = time.perf_counter() - start
     n = max(n, 1)
     out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
@@ -148,8 +158,28 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
 
 
 def train(cfg: DictConfig, run: RunInfo) -> dict:
-    """Train (or resume) the run that `cfg` describes in `run.dir`; returns results.json's content."""
+    """Train (or resume) the run that `cfg` describes in `run.dir`; returns results.json's content.
+
+    With trainer.devices=N > 1 the run is one DDP run in N new processes on this machine."""
+    if cfg.trainer.devices > 1:
+        cfg = cfg.copy()
+        OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
+        distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
+        return json.loads((run.dir / "results.json").read_text())
+    return _train(cfg, run)
+
+
+def _logging_config() -> dict | None:
+    """Hydra's job logging (the console and <run dir>/train.log), for processes that start afresh."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
+
+
+def _train(cfg: DictConfig, run: RunInfo) -> dict:
     start_time = time.time()
+    dist = distributed.from_env()
+    distributed.quiet_logging(dist)
     t = cfg.trainer
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -163,39 +193,47 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
         if changed:
             raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
                               "the same config, or start a new run with another hydra.run.dir")
+    device = distributed.setup(dist, resolve_device(t.device))
 
     results: dict = {
         "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
         "backbone_config": run.choices.get("backbone"), "selector": run.choices.get("selector", "none"),
         "texture": run.choices.get("texture", "none"), "head": run.choices.get("head"), "seed": cfg.seed,
-        "img_size": cfg.data.img_size, "epochs": t.epochs, "run_dir": str(run.dir), "git_sha": git_sha(),
-        "versions": versions(),
+        "img_size": cfg.data.img_size, "epochs": t.epochs, "world_size": dist.world_size, "run_dir": str(run.dir),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_sha": git_sha(), "versions": versions(),
     }
     tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
-                        resume_step=state["step"] if state else None)
+                        resume_step=state["step"] if state else None, enabled=dist.is_main)
     try:
-        results |= _fit(cfg, run, config, state, tracker)
+        with StopOnSignal() as stop:
+            results |= _fit(cfg, run, config, state, tracker, dist, device, stop)
         results["status"] = "finished"
+    except Interrupted as e:
+        results |= {"status": "interrupted", "signal": signal.Signals(e.signum).name, "steps": e.step}
+        tracker.event("interrupted", step=e.step, signal=results["signal"])
+        tracker.preempting()
     except BaseException as e:
         results |= {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
         raise
     finally:
         results["wall_time_s"] = round(time.time() - start_time + (state or {}).get("wall_time_s", 0.0), 2)
         tracker.finish(results)
+        distributed.teardown()
     return results
 
 
-def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger) -> dict:
+def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger, dist: Dist,
+         device: torch.device, stop: StopOnSignal) -> dict:
     t = cfg.trainer
     seed_everything(cfg.seed, t.deterministic)
-    device = resolve_device(t.device)
     amp = autocast_dtype(t.precision, device)
 
-    # Data and model.
+    # Data and model: the same split, order and initial weights on every rank.
     loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
-                            scale=source_scale(cfg))
+                            scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size)
     num_classes = len(loaders.classes)
     model = build_model(cfg, num_classes).to(device)
+    seed_everything(cfg.seed + 1_000_003 * dist.rank, t.deterministic)  # each rank its own dropout, crops
     channels_last = device.type == "cuda" and not model.backbone.is_transformer
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -205,19 +243,24 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         raise ConfigError(f"trainer.accum_steps={t.accum_steps} is more than the {batches} batches of an epoch; "
                           "lower it or data.batch_size")
     steps_per_epoch = batches // t.accum_steps
-    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s",
+    step_batch = cfg.data.batch_size * dist.world_size * t.accum_steps
+    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d x %d process%s",
              cfg.data.name, num_classes, len(loaders.train.dataset),
              len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset),
-             cfg.backbone.name, params_m, device, amp or torch.float32)
+             cfg.backbone.name, params_m, device, amp or torch.float32, step_batch, dist.world_size,
+             "es" if dist.enabled else "")
 
     # Optimisation.
-    optimizer = build_optimizer(model, cfg.optim, device)
+    lr = scaled_lr(cfg.optim, step_batch, cfg.data.batch_size)
+    if lr != cfg.optim.lr:
+        log.info("lr %.3g (optim.lr %.3g scaled %s to a step batch of %d)", lr, cfg.optim.lr,
+                 OmegaConf.to_container(cfg.optim, enum_to_str=True)["lr_scale"], step_batch)
+    optimizer = build_optimizer(model, cfg.optim, device, lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * t.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
-    epoch, step, best = 0, 0, {"acc": -math.inf, "epoch": None}
+    epoch, step, position, best = 0, 0, 0, {"acc": -math.inf, "epoch": None}
     if state is not None:
         if state["num_classes"] != num_classes:
             raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {num_classes}")
@@ -225,47 +268,71 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        epoch, step, best = state["epoch"], state["step"], state["best"]
-        checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d (step %d)", run.dir / "checkpoints" / "last.pt", epoch, step)
-    forward = torch.compile(model) if t.compile else model
+        epoch, step, position, best = state["epoch"], state["step"], state["position"], state["best"]
+        if len(state["rng"]) == dist.world_size:
+            checkpoint.set_rng_state(state["rng"][dist.rank])
+        else:
+            log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
+                        len(state["rng"]), dist.world_size)
+        log.info("resumed from %s at step %d (epoch %d%s)", run.dir / "checkpoints" / "last.pt", step, epoch + 1,
+                 f", {position} samples in" if position else "")
+        tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=os.environ.get(
+            "SLURM_JOB_ID"))
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None  # after DDP: rank 0's weights everywhere
+    if ema is not None and state is not None:
+        ema.load_state_dict(state["ema"])
+    forward = torch.compile(ddp) if t.compile else ddp
     eval_model = ema.module if ema is not None else model
+    any_rank = AnyRank(dist)
     fit_start = time.time()
 
     def save(name: str) -> None:
-        checkpoint.atomic_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step, "best": best,
-            "rng": checkpoint.rng_state(), "config": config, "num_classes": num_classes,
-            "classes": loaders.classes, "wandb_id": tracker.wandb_id,
-            "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
-        }, run.dir / "checkpoints" / f"{name}.pt")
+        rng = distributed.gather(checkpoint.rng_state(), dist)  # a collective: every rank calls save
+        if dist.is_main:
+            checkpoint.atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
+                "position": position, "best": best, "rng": rng, "config": config, "num_classes": num_classes,
+                "classes": loaders.classes, "wandb_id": tracker.wandb_id,
+                "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
+            }, run.dir / "checkpoints" / f"{name}.pt")
 
-    # The loop.
+    def stop_here() -> None:
+        """At a step boundary: if any rank was told to stop, save last.pt here and stop."""
+        if any_rank(stop.requested is not None):
+            save("last")
+            raise Interrupted(stop.requested or signal.SIGTERM, step)
+
+    # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
     epoch_rates, skipped = [], 0
     while epoch < t.epochs:
         model.train()
-        loaders.train.sampler.set_epoch(epoch)
+        loaders.train.sampler.set_epoch(epoch, position)
+        first = position // (cfg.data.batch_size * dist.world_size)  # the batch index we start at
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, device=device)  # loss sum, hits since the last log event
-        seen = seen_log = 0
+        sums = torch.zeros(3, device=device)  # loss sum, hits, images since the last log event
+        seen = 0
         epoch_start = tick = time.perf_counter()
-        with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch) as progress:
-            for i, batch in enumerate(loaders.train):
+        with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch, first // t.accum_steps,
+                           enabled=None if dist.is_main else False) as progress:
+            for i, batch in enumerate(loaders.train, start=first):
                 if i >= steps_per_epoch * t.accum_steps:
                     break
                 images, labels = to_device(batch.images, batch.labels, device, channels_last)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits, _ = forward(images)
-                    loss = criterion(logits.float(), labels)
-                scaler.scale(loss / t.accum_steps).backward()
-                sums += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
+                sync = (i + 1) % t.accum_steps == 0  # DDP averages gradients only on the last micro-batch
+                with ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        logits, _ = forward(images)
+                        loss = criterion(logits.float(), labels)
+                    scaler.scale(loss / t.accum_steps).backward()
+                sums += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum(),
+                                     sums.new_tensor(len(labels))])
                 seen += len(labels)
                 skipped += batch.skipped
-                if (i + 1) % t.accum_steps:
+                if not sync:
                     continue
                 if t.grad_clip:
                     scaler.unscale_(optimizer)
@@ -274,13 +341,14 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                position = (i + 1) * cfg.data.batch_size * dist.world_size
                 scheduler.step_update(step)
                 if ema is not None:
                     ema.update(model, step=step)
                 progress.advance()
                 if step % t.log_every == 0:  # the only host-device sync of the training step
-                    loss_sum, hits = sums.tolist()
-                    now, n = time.perf_counter(), seen - seen_log
+                    loss_sum, hits, n = distributed.all_reduce_(sums, dist).tolist()
+                    now = time.perf_counter()
                     event = dict(step=step, epoch=epoch + 1, split="train", loss=loss_sum / n, acc=100 * hits / n,
                                  lr=optimizer.param_groups[0]["lr"], img_per_s=n / (now - tick))
                     tracker.log(**event)
@@ -289,12 +357,13 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                         log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", epoch + 1,
                                  step, event["loss"], event["acc"], event["lr"], event["img_per_s"])
                     sums.zero_()
-                    seen_log, tick = seen, now
-        epoch_rates.append((seen, time.perf_counter() - epoch_start))
-        epoch += 1
+                    tick = now
+                stop_here()
+        epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start))
+        epoch, position = epoch + 1, 0
 
         if loaders.val is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
-            val = evaluate(eval_model, loaders.val, device, amp, t.limit_eval_batches, channels_last)
+            val = evaluate(eval_model, loaders.val, device, amp, t.limit_eval_batches, channels_last, dist)
             tracker.log(step=step, epoch=epoch, split="val", **val)
             if val["acc"] > best["acc"]:
                 best = {"acc": val["acc"], "epoch": epoch}
@@ -302,20 +371,24 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
             log.info("epoch %d | val acc %.2f%% (best %.2f%% at epoch %d) | loss %.4f", epoch, val["acc"],
                      best["acc"], best["epoch"], val["loss"])
         save("last")
+        stop_here()
 
     if skipped:
         log.warning("skipped %d unreadable training images (data.skip_bad=true)", skipped)
-    test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last)
+    test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last, dist)
     tracker.log(step=step, epoch=epoch, split="test", **test)
     log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"],
              len(loaders.test.dataset), run.dir)
-    batch = next(iter(loaders.train))
-    cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp)
-    log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"], cost["step_ms"],
-             f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
-             if "select_ms" in cost else "",
-             f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
-             if "texture_ms" in cost else "")
+    cost = None
+    if dist.is_main:  # one process's model on one batch: the other ranks need not wait for it
+        batch = next(iter(loaders.train))
+        cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp)
+        log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"],
+                 cost["step_ms"],
+                 f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
+                 if "select_ms" in cost else "",
+                 f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
+                 if "texture_ms" in cost else "")
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     return {
         "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,

@@ -10,14 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class EpochProgress:
-    def __init__(self, description: str, total: int, enabled: bool | None = None, console: Console | None = None):
+    def __init__(self, description: str, total: int, completed: int = 0, enabled: bool | None = None,
+                 console: Console | None = None):
         self.live = sys.stdout.isatty() if enabled is None else enabled
         self.progress = None
         if self.live:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=True,
                                      console=console)
-            self.task = self.progress.add_task(description, total=total, stats="")
+            self.task = self.progress.add_task(description, total=total, completed=completed, stats="")
 
     def __enter__(self) -> "EpochProgress":
         if self.progress is not None:

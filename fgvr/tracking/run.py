@@ -108,18 +108,22 @@ def init_wandb(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
 
 
 class RunLogger:
-    """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb."""
+    """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb.
+
+    `enabled=False` (ranks other than 0 of a multi-process run) writes nothing."""
 
     def __init__(self, run: RunInfo, logger_cfg, config: dict, wandb_id: str | None = None,
-                 resume_step: int | None = None):
-        self.run = run
+                 resume_step: int | None = None, enabled: bool = True):
+        self.run, self.enabled = run, enabled
+        self.metrics = self.wandb = None
+        if not enabled:
+            return
         path = run.dir / "metrics.jsonl"
         if resume_step is not None and path.is_file():
             # Events after the checkpoint come from work the resumed run redoes: drop them.
-            kept = [e for e in read_events(path) if e["step"] <= resume_step and e["split"] != "test"]
+            kept = [e for e in read_events(path) if e["step"] <= resume_step and e.get("split") != "test"]
             write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
         self.metrics = open(path, "a", buffering=1)
-        self.wandb = None
         if logger_cfg.name == "wandb":
             self.wandb = init_wandb(logger_cfg, run.dir, wandb_id, name=run.name, group=run.group,
                                     tags=list(logger_cfg.tags), config=config)
@@ -129,15 +133,29 @@ class RunLogger:
         return self.wandb.id if self.wandb is not None else None
 
     def log(self, **event: Any) -> None:
+        """A metrics event: step, epoch, split (train | val | test) and its numbers."""
+        if not self.enabled:
+            return
         event = {k: _clean(v) for k, v in event.items()}
         self.metrics.write(json.dumps(event) + "\n")
         if self.wandb is not None:
-            split = event.get("split", "train")
-            values = {f"{split}/{k}": v for k, v in event.items()
+            values = {f"{event['split']}/{k}": v for k, v in event.items()
                       if k not in ("split", "step") and isinstance(v, (int, float)) and v is not None}
             self.wandb.log(values, step=event["step"])
 
+    def event(self, name: str, **fields: Any) -> None:
+        """A line in metrics.jsonl that marks what happened to the run (interrupted, resumed)."""
+        if self.enabled:
+            self.metrics.write(json.dumps({"event": name, **fields}) + "\n")
+
+    def preempting(self) -> None:
+        """Tell W&B the run stops to be resumed, not that it crashed."""
+        if self.wandb is not None:
+            self.wandb.mark_preempting()
+
     def finish(self, results: dict) -> None:
+        if not self.enabled:
+            return
         write_json(self.run.dir / "results.json", results)
         self.metrics.close()
         if self.wandb is not None:

@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,83 +142,58 @@ def test_resume_refuses_other_settings(train_run, tmp_path):
     assert results["steps"] == 10
 
 
-def _kill_after_first_epoch(args: list[str], run_dir: Path, cwd: Path) -> None:
-    """Start `fgvr train`, SIGKILL it once checkpoints/last.pt exists (as a preemption would)."""
-    proc = subprocess.Popen([str(FGVR), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (run_dir / "results.json").exists(), "the run ended before it could be killed"
+def _stop(args: list[str], cwd: Path, sig: signal.Signals, ready) -> tuple[int, str]:
+    """Start `fgvr train` and send it `sig` once `ready()` (SIGKILL: a crash or a hard preemption;
+    SIGTERM/SIGUSR2: a preemption or SLURM's time-limit warning); its exit code and output."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([str(FGVR), *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not ready():
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        out.seek(0)
+        return proc.returncode, out.read()
 
 
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+def _reached(run_dir: Path, step: int) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and any(e.get("step", 0) >= step for e in read_events(metrics))
+
+
+def test_stopped_runs_resume_and_match_an_uninterrupted_one(tmp_path):
+    """Killed after an epoch, or signalled in the middle of one: either way the relaunched run
+    continues from checkpoints/last.pt and ends exactly where an uninterrupted run ends."""
     common = ["train", *TINY, "trainer.epochs=4", "trainer.deterministic=true", "trainer.log_every=1",
               "data.synth.train_per_class=40", "data.num_workers=1"]
     fgvr(*common, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
-
-    run_dir = tmp_path / "cut"
-    _kill_after_first_epoch([*common, f"hydra.run.dir={run_dir}"], run_dir, tmp_path)
-    killed_at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
-    assert 1 <= killed_at < 4
-    out = fgvr(*common, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch {killed_at}" in out.stdout + out.stderr
-
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
-    cut = json.loads((run_dir / "results.json").read_text())
-    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps"):
-        assert cut[key] == whole[key], key
-    strip = lambda events: [{k: v for k, v in e.items() if k != "img_per_s"} for e in events]  # noqa: E731
-    assert strip(read_events(run_dir / "metrics.jsonl")) == strip(read_events(tmp_path / "whole" / "metrics.jsonl"))
+    strip = lambda events: [{k: v for k, v in e.items() if k != "img_per_s"} for e in events  # noqa: E731
+                            if "event" not in e]
 
+    killed, signalled = tmp_path / "killed", tmp_path / "signalled"
+    code, _ = _stop([*common, f"hydra.run.dir={killed}"], tmp_path, signal.SIGKILL,
+                    ready=lambda: (killed / "checkpoints" / "last.pt").exists())
+    assert code == -signal.SIGKILL and not (killed / "results.json").exists()
+    assert checkpoint.load(killed / "checkpoints" / "last.pt")["position"] == 0  # an epoch-end checkpoint
 
-def test_eval_reproduces_the_test_accuracy(tmp_path):
-    run_dir = tmp_path / "run"
-    fgvr("train", *TINY, "selector=glsim", "head=aggregator", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    results = json.loads((run_dir / "results.json").read_text())
-    out = fgvr("eval", f"ckpt={run_dir}", cwd=tmp_path)
-    evaluated = json.loads((run_dir / "eval_test.json").read_text())
-    assert evaluated["acc"] == pytest.approx(results["test_acc"]) and evaluated["epoch"] == 2
-    assert evaluated["crop_iou"] == pytest.approx(results["crop_iou"])
-    assert f"test acc {results['test_acc']:.2f}%" in out.stdout
-    fgvr("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "split=val", cwd=tmp_path)
-    assert json.loads((run_dir / "eval_val.json").read_text())["acc"] == pytest.approx(results["best_val_acc"])
-    assert not [p for p in tmp_path.iterdir() if p.suffix == ".log"]
+    code, out = _stop([*common, f"hydra.run.dir={signalled}"], tmp_path, signal.SIGTERM,
+                      ready=lambda: _reached(signalled, 3))
+    assert code == -signal.SIGTERM, out  # the signal still ends the process, after the save
+    stopped = json.loads((signalled / "results.json").read_text())
+    state = checkpoint.load(signalled / "checkpoints" / "last.pt")
+    assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM"
+    assert state["epoch"] == 0 and state["step"] == stopped["steps"] >= 3 and state["position"] == 16 * state["step"]
+    assert "received SIGTERM: saving a checkpoint" in out and "relaunching with this run dir resumes it" in out
 
-
-def test_eval_of_val_without_a_val_split_is_refused(train_run):
-    from fgvr.config import EvalConfig
-    from fgvr.engine.evaluate import evaluate_checkpoint
-
-    _, run_dir = train_run("trainer.epochs=1", "data.val_fraction=0")
-    with pytest.raises(ConfigError, match="split=val: the run had no val split"):
-        evaluate_checkpoint(EvalConfig(ckpt=str(run_dir), split="val"))
-
-
-def test_corrupt_checkpoint_is_one_line(tmp_path):
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    proc = fgvr("eval", f"ckpt={bad}", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a readable checkpoint" in proc.stderr
-
-
-@pytest.mark.slow
-def test_default_train_meets_the_bar(tmp_path):
-    """`fgvr train` with no arguments: under 2 minutes here, test accuracy >= 3x chance."""
-    start = time.time()
-    fgvr("train", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
-    elapsed = time.time() - start
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    chance = 100 / results["num_classes"]
-    print(f"fgvr train: {elapsed:.1f} s, test acc {results['test_acc']:.1f}%, {results['train_img_per_s']:.0f} img/s")
-    assert results["test_acc"] >= 3 * chance and elapsed < 120
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", [[], ["selector=glsim", "head=aggregator"],
-                                   ["texture=gabor", "texture.region_size=16", "texture.kernel_size=7"]])
-def test_compile_trains(train_run, model):
-    results, _ = train_run("trainer.epochs=1", "trainer.compile=true", *model)
-    assert results["status"] == "finished"
+    for run_dir in (killed, signalled):
+        at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"]
+        out = fgvr(*common, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {at}" in out.stdout + out.stderr
+        cut = json.loads((run_dir / "results.json").read_text())
+        for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps"):
+            assert cut[key] == whole[key], (run_dir, key)
+        events = read_events(run_dir / "metrics.jsonl")
+        assert strip(events) == strip(read_events(tmp_path / "whole" / "metrics.jsonl"))
+        assert [e["step"] for e in events if e.get("event") == "resumed"] == [at]
+    assert [e["event"] for e in read_events(signalled / "metrics.jsonl") if "event" in e] == ["interrupted", "resumed"]

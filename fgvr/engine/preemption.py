@@ -1,0 +1,60 @@
+"""Stopping at a step boundary when the job is told to stop.
+
+SLURM sends SIGUSR2 `signal_delay_s` before a job's time limit (and, on clusters that set
+PreemptParameters=send_user_signal, on preemption); preemption otherwise sends SIGTERM. A signal
+can land in the middle of a step, where nothing consistent can be saved, so the handler only
+records it. The loop asks `requested` after every optimizer step; when set, it saves
+checkpoints/last.pt there and stops. The caller then sends the signal again to whoever listened
+before: submitit's handler writes the job's resubmission and requeues it (the requeued job
+resumes from last.pt in the same run dir); a plain process ends as the signal says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary on a signal, with its checkpoint saved."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class StopOnSignal:
+    """While active, SIGTERM and SIGUSR2 only set `requested` (the signal number)."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked data loader worker: the main process decides
+            return
+        if self.requested is None:
+            log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
+                        signal.Signals(signum).name)
+        self.requested = signum
+
+    def __enter__(self) -> StopOnSignal:
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers leave SIGTERM/SIGUSR2 to the main process, which stops
+    them itself once it has saved (SLURM signals every process of a job step)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -1,0 +1,105 @@
+"""Several processes, one run: sharding, learning-rate scaling and DDP with gloo on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fgvr.data.dataset import EpochSampler
+from fgvr.engine import checkpoint
+from fgvr.engine.evaluate import evaluate_checkpoint
+from fgvr.engine.optim import scaled_lr
+from fgvr.tracking.run import read_events
+
+
+def _keys(sampler: EpochSampler) -> list[int]:
+    return [i for i, _ in sampler]
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_training_shards_are_the_single_process_order_dealt_out(n):
+    whole = EpochSampler(n, shuffle=True, seed=3, pad=True)
+    shards = [EpochSampler(n, shuffle=True, seed=3, rank=r, world_size=2, pad=True) for r in range(2)]
+    for s in (whole, *shards):
+        s.set_epoch(5)
+    assert len(shards[0]) == len(shards[1]) == -(-n // 2)  # padded: every rank runs the same number of steps
+    dealt = [x for pair in zip(*map(_keys, shards)) for x in pair]
+    assert dealt[:n] == _keys(whole) and set(dealt) == set(range(n))
+
+
+def test_resumed_shards_continue_where_they_stopped():
+    full = [EpochSampler(20, shuffle=True, seed=0, rank=r, world_size=2, pad=True) for r in range(2)]
+    tail = [EpochSampler(20, shuffle=True, seed=0, rank=r, world_size=2, pad=True) for r in range(2)]
+    for a, b in zip(full, tail):
+        a.set_epoch(1)
+        b.set_epoch(1, start=8)  # 2 steps of 2 per rank done
+        assert _keys(b) == _keys(a)[4:]
+
+
+def test_evaluation_shards_count_every_image_once():
+    shards = [EpochSampler(11, shuffle=False, rank=r, world_size=3) for r in range(3)]
+    keys = [k for s in shards for k in _keys(s)]
+    assert sorted(keys) == list(range(11)) and [len(s) for s in shards] == [4, 4, 3]
+
+
+def test_learning_rate_scaling():
+    cfg = OmegaConf.create({"lr": 0.01, "lr_scale": "none", "lr_batch_size": None})
+    assert scaled_lr(cfg, step_batch=64, batch_size=16) == 0.01
+    cfg.lr_scale = "linear"
+    assert scaled_lr(cfg, 64, 16) == pytest.approx(0.04)
+    cfg.lr_scale, cfg.lr_batch_size = "sqrt", 256
+    assert scaled_lr(cfg, 64, 16) == pytest.approx(0.005)
+
+
+def test_two_processes_train_like_one_with_their_combined_batch(train_run, tmp_path):
+    """DDP over 2 gloo processes with 16 images each per step learns what one process learns with
+    32; the test accuracy is over the whole test set, and one set of run files is written."""
+    single, single_dir = train_run("data.batch_size=32", "trainer.deterministic=true", run_dir=tmp_path / "one")
+    ddp, ddp_dir = train_run("trainer.devices=2", "trainer.deterministic=true", run_dir=tmp_path / "two")
+    assert ddp["status"] == "finished" and ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["steps"] == single["steps"]
+    assert ddp["test_acc"] == pytest.approx(single["test_acc"]) and ddp["test_loss"] == pytest.approx(
+        single["test_loss"], rel=1e-4)
+    one = checkpoint.load(single_dir / "checkpoints" / "last.pt")["model"]
+    two = checkpoint.load(ddp_dir / "checkpoints" / "last.pt")["model"]
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+    test = [e for e in read_events(ddp_dir / "metrics.jsonl") if e.get("split") == "test"]
+    assert len(test) == 1  # rank 0 alone writes
+    assert sorted(p.name for p in ddp_dir.iterdir()) == sorted(p.name for p in single_dir.iterdir())
+    again = evaluate_checkpoint(OmegaConf.create({"ckpt": str(ddp_dir), "split": "test", "device": "cpu",
+                                                  "batch_size": None, "data_root": None}))
+    assert again["acc"] == ddp["test_acc"] and again["num_images"] == 32  # not one rank's 16
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path):
+    """SIGUSR2 to the launching process reaches both workers; they stop at the same step, rank 0
+    saves, and the resumed run ends where an uninterrupted 2-process run ends."""
+    args = ("trainer.devices=2", "trainer.deterministic=true", "trainer.epochs=4", "trainer.log_every=1",
+            "data.synth.train_per_class=80")  # 9 steps an epoch
+    whole, _ = train_run(*args, run_dir=tmp_path / "whole")
+    run_dir = tmp_path / "cut"
+
+    def signal_at_step_3():
+        while not (run_dir / "metrics.jsonl").exists() or not any(
+                e.get("step", 0) >= 3 for e in read_events(run_dir / "metrics.jsonl")):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=signal_at_step_3, daemon=True).start()
+    stopped, _ = train_run(*args, run_dir=run_dir)
+    assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGUSR2" and stopped["steps"] >= 3
+    assert stopped["steps"] < 9 and checkpoint.load(run_dir / "checkpoints" / "last.pt")["position"] == 32 * stopped[
+        "steps"]  # mid-epoch
+    resumed, _ = train_run(*args, run_dir=run_dir)
+    assert (resumed["test_acc"], resumed["steps"]) == (whole["test_acc"], whole["steps"])
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"

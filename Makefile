@@ -6,8 +6,10 @@ VENV   ?= .venv
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 TEST_ENV := NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
+# Where test-slurm's single-node cluster keeps its config, state, logs and PID files.
+SLURM_DIR ?= /tmp/fgvr-slurm
 
-.PHONY: install test test-slow clean
+.PHONY: install test test-slow test-slurm clean
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +20,17 @@ install:
 	@$(BIN)/python -c "import torch, timm, hydra, albumentations; print('fgvr installed: torch', torch.__version__, '| timm', timm.__version__)"
 
 test:
-	$(TEST_ENV) $(BIN)/pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/pytest -q -m "not slow and not slurm"
 
 test-slow:
-	$(TEST_ENV) $(BIN)/pytest -q -m slow
+	$(TEST_ENV) $(BIN)/pytest -q -m "slow and not slurm"
+
+# Brings up a real SLURM cluster on localhost (root; installs the Debian packages if missing),
+# runs the tests marked slurm against it and stops it, whatever the tests did.
+test-slurm:
+	scripts/slurm_cluster.sh start $(SLURM_DIR)
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(TEST_ENV) $(BIN)/pytest -q -m slurm; \
+	  status=$$?; scripts/slurm_cluster.sh stop $(SLURM_DIR); exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -85,10 +85,10 @@ def _sweep_summary(failure: Exception | None = None) -> None:
     if failure is not None:
         print(format_summary(sweep_dir, runs), file=sys.stderr)
         return
-    failed = [r for r in runs if r.status != "finished" and r.status != "interrupted"]
-    if failed:
-        print(f"fgvr train: error: {len(failed)} of {len(runs)} runs failed (listed above), e.g. {failed[0].dir}",
-              file=sys.stderr)
+    unfinished = [r for r in runs if r.status != "finished"]
+    if unfinished:
+        print(f"fgvr train: error: {len(unfinished)} of {len(runs)} runs did not finish (listed above), e.g. "
+              f"{unfinished[0].dir}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -112,6 +112,7 @@ def _hydra_app(command: str):
 
 def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
+    from fgvr.errors import RunInterrupted
     from fgvr.tracking.run import run_info
 
     run = run_info(cfg.name)
@@ -127,9 +128,11 @@ def _train_task(cfg) -> float | None:
     if results["status"] == "interrupted":
         log.warning("stopped by %s at step %d; %s/checkpoints/last.pt holds the run: relaunching with this run dir "
                     "resumes it", results["signal"], results["steps"], run.dir)
-        # Hand the signal to whoever listened before training: submitit requeues the job, a plain process ends.
+        # Hand the signal to whoever listened before training: submitit requeues the job (and exits),
+        # a plain process ends. If the listener lets the job go on, the run is still unfinished.
         signal.raise_signal(signal.Signals[results["signal"]])
-        return None
+        raise RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
+                             "end; relaunch with this run dir to resume it")
     return results["test_acc"]
 
 
@@ -169,6 +172,8 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
 
     if isinstance(e, FgvrError):
         return str(e), e.exit_code
+    if type(e).__module__.startswith("submitit."):  # the launcher gave up on a SLURM (or local) job
+        return _job_error(str(e)), 1
     if isinstance(e, MissingConfigException):
         return _missing_option(e), 2
     if isinstance(e, OverrideParseException):
@@ -184,6 +189,19 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
         return ("an override sets a key inside a section that is null in this config (e.g. data.synth.* with "
                 "data=cub); drop it or pick the option that has that section (fgvr train --cfg job shows them)"), 2
     return None, 0
+
+
+def _job_error(message: str) -> str:
+    """submitit's report of a failed job (the job's traceback or error stream, many lines) as
+    'SLURM job 12_1 failed (state: FAILED): <its last error line>; logs: <where they are>'."""
+    job = re.search(r"\.submitit/([^/\s]+)/", message)
+    state = re.search(r"\(state: (\w+)\)", message)
+    logs = re.search(r"(\S+/\.submitit/[^/\s]+)/", message)
+    parts = re.split(r"\n-{10,}\n", message)  # the job's traceback or error stream sits between dashed lines
+    body = parts[1].strip().splitlines() if len(parts) > 1 else []
+    last = body[-1].strip() if body else _first_line(message)
+    return (f"SLURM job {job.group(1) if job else '?'} failed{f' (state: {state.group(1)})' if state else ''}: "
+            f"{last}{f'; logs: {logs.group(1)}' if logs else ''}")
 
 
 def _missing_option(e) -> str:

@@ -22,3 +22,7 @@ class ConfigError(FgvrError):
 
 class DataError(FgvrError):
     """Missing, unreadable or inconsistent data files."""
+
+
+class RunInterrupted(FgvrError):
+    """A run stopped on a signal with its checkpoint saved, and nothing relaunched it."""

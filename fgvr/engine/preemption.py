@@ -11,11 +11,8 @@ resumes from last.pt in the same run dir); a plain process ends as the signal sa
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-
-log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -37,12 +34,9 @@ class StopOnSignal:
         self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a forked data loader worker: the main process decides
-            return
-        if self.requested is None:
-            log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
-                        signal.Signals(signum).name)
-        self.requested = signum
+        # Only a flag: a handler may run inside any call, logging's own writes included.
+        if os.getpid() == self._pid:  # not a forked data loader worker: the main process decides
+            self.requested = signum
 
     def __enter__(self) -> StopOnSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}

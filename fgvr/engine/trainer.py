@@ -41,7 +41,7 @@ from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import localisation
 from fgvr.tracking.console import EpochProgress
-from fgvr.tracking.run import RunInfo, RunLogger, git_sha, versions
+from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +193,18 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
         if changed:
             raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
                               "the same config, or start a new run with another hydra.run.dir")
-    device = distributed.setup(dist, resolve_device(t.device))
 
     results: dict = {
         "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
         "backbone_config": run.choices.get("backbone"), "selector": run.choices.get("selector", "none"),
         "texture": run.choices.get("texture", "none"), "head": run.choices.get("head"), "seed": cfg.seed,
         "img_size": cfg.data.img_size, "epochs": t.epochs, "world_size": dist.world_size, "run_dir": str(run.dir),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_sha": git_sha(), "versions": versions(),
+        "slurm_job_id": slurm_job_id(), "git_sha": git_sha(), "versions": versions(),
     }
     tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
                         resume_step=state["step"] if state else None, enabled=dist.is_main)
     try:
+        device = distributed.setup(dist, resolve_device(t.device))
         with StopOnSignal() as stop:
             results |= _fit(cfg, run, config, state, tracker, dist, device, stop)
         results["status"] = "finished"
@@ -276,8 +276,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                         len(state["rng"]), dist.world_size)
         log.info("resumed from %s at step %d (epoch %d%s)", run.dir / "checkpoints" / "last.pt", step, epoch + 1,
                  f", {position} samples in" if position else "")
-        tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=os.environ.get(
-            "SLURM_JOB_ID"))
+        tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.enabled else model
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None  # after DDP: rank 0's weights everywhere
@@ -303,8 +302,11 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     def stop_here() -> None:
         """At a step boundary: if any rank was told to stop, save last.pt here and stop."""
         if any_rank(stop.requested is not None):
+            signum = stop.requested or signal.SIGTERM  # None: another rank was signalled
+            log.warning("received %s: saving checkpoints/last.pt at step %d, then stopping",
+                        signal.Signals(signum).name, step)
             save("last")
-            raise Interrupted(stop.requested or signal.SIGTERM, step)
+            raise Interrupted(signum, step)
 
     # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
     epoch_rates, skipped = [], 0

@@ -176,6 +176,14 @@ def git_sha() -> str | None:
     return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process runs in, as squeue names it: 1234, or 1234_5 for an array task."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def versions() -> dict[str, str | None]:
     import timm
     import torch

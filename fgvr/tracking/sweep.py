@@ -35,8 +35,8 @@ def run_status(run_dir: Path) -> RunStatus:
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return RunStatus(run_dir, "no results", overrides, "still running, or killed: see its train.log and "
-                         "the job's .submitit/ logs")
+        return RunStatus(run_dir, "no results", overrides, "still running, or it died before it could write "
+                         "results.json: see its train.log and the sweep's .submitit/ logs")
     status = results.get("status", "no results")
     detail = {"finished": f"test acc {results.get('test_acc', float('nan')):.2f} %",
               "interrupted": f"stopped by {results.get('signal')} at step {results.get('steps')}; resumes from "

@@ -168,3 +168,28 @@ def test_model_cost_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cost = json.loads(proc.stdout.strip().splitlines()[-1])
     assert cost["batch_size"] == 4 and cost["select_ms"] > 0 and cost["gflops_per_image"]["second_pass"] > 0
+
+
+def test_one_of_several_processes_needs_a_shared_run_dir(tmp_path):
+    """Under torchrun (or srun) every rank composes the config: a clock-made run dir would differ."""
+    proc = subprocess.run([str(FGVR), "train", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fgvr train: error: this is one of several processes (torchrun or srun); pass hydra.run.dir=DIR so that "
+        "all of them share one run dir")
+
+
+def test_a_failed_job_is_one_line():
+    """submitit's reports, as recorded from the test cluster: a killed job and a job that raised."""
+    from fgvr.cli import _job_error
+
+    killed = ("Job 19 (task: 0) with path /s/.submitit/19/19_0_result.pkl\nhas not produced any output (state: "
+              "FAILED)\nError stream produced:\n" + "-" * 40 + "\nsrun: error: localhost: task 0: CPU time limit "
+              "exceeded\n\n")
+    assert _job_error(killed) == ("SLURM job 19 failed (state: FAILED): srun: error: localhost: task 0: CPU time "
+                                  "limit exceeded; logs: /s/.submitit/19")
+    raised = ("Job (task=0) failed during processing with trace:\n" + "-" * 22 + "\nTraceback (most recent call "
+              "last):\n  File \"x.py\", line 1, in f\nValueError: seed=x is not an int\n\n" + "-" * 22 + "\nYou can "
+              "check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /s/.submitit/20_1/20_1_0_"
+              "log.err\n  - /s/.submitit/20_1/20_1_0_log.out")
+    assert _job_error(raised) == "SLURM job 20_1 failed: ValueError: seed=x is not an int; logs: /s/.submitit/20_1"

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change; any other difference means it is a different run.
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
-                     "trainer.compile", "trainer.limit_eval_batches", "trainer.devices", "data.root", "data.num_workers",
-                     "data.eval_batch_size", "logger", "resume", "paths", "name")
+                     "trainer.devices", "trainer.compile", "trainer.limit_eval_batches", "data.root",
+                     "data.num_workers", "data.eval_batch_size", "logger", "resume", "paths", "name")
 
 
 def resolve_device(spec: str) -> torch.device:

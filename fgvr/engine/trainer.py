@@ -244,11 +244,11 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                           "lower it or data.batch_size")
     steps_per_epoch = batches // t.accum_steps
     step_batch = cfg.data.batch_size * dist.world_size * t.accum_steps
-    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d x %d process%s",
+    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d images a step%s",
              cfg.data.name, num_classes, len(loaders.train.dataset),
              len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset),
-             cfg.backbone.name, params_m, device, amp or torch.float32, step_batch, dist.world_size,
-             "es" if dist.enabled else "")
+             cfg.backbone.name, params_m, device, amp or torch.float32, step_batch,
+             f" over {dist.world_size} processes" if dist.enabled else "")
 
     # Optimisation.
     lr = scaled_lr(cfg.optim, step_batch, cfg.data.batch_size)

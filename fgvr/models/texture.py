@@ -81,9 +81,9 @@ class GaborBank(nn.Module):
         self.register_buffer("w_high", (band + 1) * self.w_max / 2 if split_bands else
                              torch.full((num_filters,), self.w_max), persistent=False)
         r = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
-        yy, xx = torch.meshgrid(r, r, indexing="ij")
-        self.register_buffer("yy", yy, persistent=False)
-        self.register_buffer("xx", xx, persistent=False)
+        yy, xx = torch.meshgrid(r, r, indexing="ij")  # views with stride 0: DDP cannot broadcast those
+        self.register_buffer("yy", yy.contiguous(), persistent=False)
+        self.register_buffer("xx", xx.contiguous(), persistent=False)
         if split_bands:  # every orientation once per band
             theta = (torch.arange(num_filters) % n + 0.5) / n
             freq = torch.full((num_filters,), 0.5)

@@ -103,3 +103,16 @@ def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path):
     assert (resumed["test_acc"], resumed["steps"]) == (whole["test_acc"], whole["steps"])
     assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [
+    ["selector=glsim", "head=aggregator"],
+    ["texture=gabor", "texture.region_size=16", "selector=random", "texture.fusion=token"],
+    ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false", "selector=glsim"],
+    ["trainer.ema_decay=0.9", "trainer.accum_steps=2", "selector=rollout"],
+], ids=["glsim", "gabor", "cnn", "ema-accum-rollout"])
+def test_every_method_trains_over_two_processes(train_run, method):
+    """DDP needs every parameter to get a gradient and every buffer to be broadcastable."""
+    results, _ = train_run("trainer.devices=2", *method)
+    assert results["status"] == "finished" and results["world_size"] == 2

@@ -47,16 +47,19 @@ class Dist:
 def from_env() -> Dist:
     """The ranks the environment gives this process; one process if it gives none.
 
-    A SLURM step with several tasks is read with submitit's TorchDistributedEnvironment, which
-    also exports MASTER_ADDR/MASTER_PORT (the first node, a port derived from the job id)."""
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
+    A SLURM step with several tasks (or a submitit local job with several) is read with
+    submitit's TorchDistributedEnvironment, which also exports MASTER_ADDR/MASTER_PORT (the
+    first node, a port derived from the job id)."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SUBMITIT_LOCAL_NTASKS") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in env:
         from submitit.helpers import TorchDistributedEnvironment
 
-        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # srun without submitit: the same variables
+        env.setdefault("SUBMITIT_EXECUTOR", "slurm")  # srun without submitit: the same variables
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    if "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" not in env:
         return Dist()
-    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    return Dist(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]))
 
 
 def setup(dist: Dist, device: torch.device) -> torch.device:

@@ -50,3 +50,11 @@ def test_slurm_launcher_defaults(tmp_path):
     assert launcher["max_num_timeout"] > 0 and launcher["signal_delay_s"] >= 60  # time limits requeue and resume
     assert launcher["tasks_per_node"] == 1 and launcher["cpus_per_task"] and launcher["mem_gb"]
     assert launcher["name"] == "fgvr-${name}" and launcher["setup"] == []
+
+
+def test_two_local_submitit_tasks_are_one_ddp_run(tmp_path):
+    out = fgvr("train", "--multirun", "hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2", *TINY,
+               "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2
+    assert "1 runs, 1 finished" in out.stdout + out.stderr

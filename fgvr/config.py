@@ -85,7 +85,7 @@ class DataConfig:
     resize_ratio: float = 1.34  # train: square resize to ratio*img_size, then random crop
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
-    num_workers: Optional[int] = None  # default: min(8, cores)
+    num_workers: Optional[int] = None  # default: min(8, this process's share of the cores)
     val_fraction: float = 0.1
     skip_bad: bool = False
     train_csv: str = "train.csv"

@@ -51,8 +51,7 @@ def from_env() -> Dist:
     submitit's TorchDistributedEnvironment, which also exports MASTER_ADDR/MASTER_PORT (the
     first node, a port derived from the job id)."""
     env = os.environ
-    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SUBMITIT_LOCAL_NTASKS") or 1)
-    if tasks > 1 and "WORLD_SIZE" not in env:
+    if "WORLD_SIZE" not in env and _job_tasks() > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         env.setdefault("SUBMITIT_EXECUTOR", "slurm")  # srun without submitit: the same variables
@@ -60,6 +59,19 @@ def from_env() -> Dist:
     if "WORLD_SIZE" not in env:
         return Dist()
     return Dist(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]))
+
+
+def _job_tasks() -> int:
+    """Tasks of the SLURM step (or submitit local job) this process is one of."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or 1)
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use: its own set if something pinned it (SLURM's task affinity,
+    taskset), else its share of the machine's among the ranks on it."""
+    pinned = len(os.sched_getaffinity(0))
+    total = os.cpu_count() or 1
+    return pinned if pinned < total else max(1, total // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def setup(dist: Dist, device: torch.device) -> torch.device:
@@ -70,8 +82,7 @@ def setup(dist: Dist, device: torch.device) -> torch.device:
         device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:  # ranks on one machine share its cores
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpus_per_process())
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist.rank,
                                       world_size=dist.world_size, device_id=device if device.type == "cuda" else None)
@@ -167,9 +178,10 @@ def launch_local(fn, args: tuple, nprocs: int, logging_config: dict | None = Non
     at their next step. Raises WorkerFailed if a worker fails or dies."""
     import torch.multiprocessing as mp
 
-    if "WORLD_SIZE" in os.environ:
-        raise ConfigError(f"trainer.devices={nprocs}: this process is already one of {os.environ['WORLD_SIZE']} "
-                          "ranks (torchrun or SLURM tasks); leave trainer.devices=1 there")
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) * _job_tasks()
+    if ranks > 1:
+        raise ConfigError(f"trainer.devices={nprocs}: this process is already one of {ranks} ranks (torchrun or "
+                          "several SLURM tasks); leave trainer.devices=1 there")
     context = mp.start_processes(_worker, args=(nprocs, _free_port(), logging_config, fn, args), nprocs=nprocs,
                                  join=False, start_method="spawn")
 

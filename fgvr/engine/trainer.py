@@ -302,11 +302,10 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     def stop_here() -> None:
         """At a step boundary: if any rank was told to stop, save last.pt here and stop."""
         if any_rank(stop.requested is not None):
-            signum = stop.requested or signal.SIGTERM  # None: another rank was signalled
-            log.warning("received %s: saving checkpoints/last.pt at step %d, then stopping",
-                        signal.Signals(signum).name, step)
+            got = signal.Signals(stop.requested).name if stop.requested else "a stop signal on another rank"
+            log.warning("received %s: saving checkpoints/last.pt at step %d, then stopping", got, step)
             save("last")
-            raise Interrupted(signum, step)
+            raise Interrupted(stop.requested or signal.SIGTERM, step)
 
     # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
     epoch_rates, skipped = [], 0
@@ -372,8 +371,8 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 save("best")
             log.info("epoch %d | val acc %.2f%% (best %.2f%% at epoch %d) | loss %.4f", epoch, val["acc"],
                      best["acc"], best["epoch"], val["loss"])
+        stop_here()  # saves last.pt itself when it stops
         save("last")
-        stop_here()
 
     if skipped:
         log.warning("skipped %d unreadable training images (data.skip_bad=true)", skipped)

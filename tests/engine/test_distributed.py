@@ -13,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from fgvr.data.dataset import EpochSampler
-from fgvr.engine import checkpoint
+from fgvr.engine import checkpoint, distributed
 from fgvr.engine.evaluate import evaluate_checkpoint
 from fgvr.engine.optim import scaled_lr
+from fgvr.errors import ConfigError
 from fgvr.tracking.run import read_events
 
 
@@ -56,6 +57,21 @@ def test_learning_rate_scaling():
     assert scaled_lr(cfg, 64, 16) == pytest.approx(0.04)
     cfg.lr_scale, cfg.lr_batch_size = "sqrt", 256
     assert scaled_lr(cfg, 64, 16) == pytest.approx(0.005)
+
+
+def test_cpus_are_shared_between_the_ranks_of_a_machine(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert distributed.cpus_per_process() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # pinned by SLURM: its own set
+    assert distributed.cpus_per_process() == 3
+
+
+def test_devices_are_refused_inside_a_multi_task_job(monkeypatch):
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ConfigError, match=r"trainer.devices=2: this process is already one of 4 ranks"):
+        distributed.launch_local(print, (), 2)
 
 
 def test_two_processes_train_like_one_with_their_combined_batch(train_run, tmp_path):

@@ -1,5 +1,9 @@
 import json
 import logging
+import os
+import signal
+import threading
+import time
 
 from omegaconf import OmegaConf
 
@@ -34,6 +38,36 @@ def test_resumed_run_continues_the_same_wandb_run(train_run):
     # Every launch wrote offline-run-<time>-<id>[-n]/run-<id>.wandb for the same id.
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files and {f.stem.removeprefix("run-") for f in files} == {first_id}
+
+
+def test_a_run_stopped_by_a_signal_continues_its_wandb_run(train_run, tmp_path):
+    """SIGUSR2 in the middle of an epoch: the run saves, tells W&B it is preempting, and the
+    relaunch continues the same W&B run from that step."""
+    run_dir = tmp_path / "run"
+
+    def signal_at_step_2():
+        metrics = run_dir / "metrics.jsonl"
+        while not metrics.exists() or not any(e.get("step", 0) >= 2 for e in read_events(metrics)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=signal_at_step_2, daemon=True).start()
+    stopped, _ = train_run("logger=wandb", "trainer.log_every=1", "data.synth.train_per_class=80", run_dir=run_dir)
+    assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGUSR2"
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == stopped["steps"] and state["position"] > 0
+    resumed, _ = train_run("logger=wandb", "trainer.log_every=1", "data.synth.train_per_class=80", run_dir=run_dir)
+    assert resumed["status"] == "finished"
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {f.stem.removeprefix("run-") for f in files} == {state["wandb_id"]}
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    logger = RunLogger(RunInfo(tmp_path, "x"), OmegaConf.create({"name": "wandb"}), {}, enabled=False)
+    logger.log(step=1, split="train", loss=1.0)
+    logger.event("resumed", step=1)
+    logger.finish({"status": "finished"})
+    assert list(tmp_path.iterdir()) == [] and logger.wandb_id is None
 
 
 def test_resume_drops_events_after_the_checkpoint(tmp_path):

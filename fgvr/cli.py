@@ -18,6 +18,7 @@ usage: fgvr <command> [hydra overrides] [--help]
 
 commands:
   train   train (or resume) a run composed from configs/  e.g. fgvr train +experiment=cub data.root=DIR
+          a sweep: fgvr train --multirun seed=1,10,100 [hydra/launcher=slurm]; DDP: trainer.devices=4
   eval    re-evaluate a checkpoint on the test split        e.g. fgvr eval ckpt=outputs/<date>/<run dir>
   viz     draw heat maps, boxes and crops for n images      e.g. fgvr viz ckpt=outputs/<date>/<run dir> n=16
 
@@ -65,9 +66,8 @@ def main(argv: list[str] | None = None) -> None:
 def _check_shared_run_dir(args: list[str]) -> None:
     """Ranks started by torchrun or srun each compose the config: a run dir from the clock would
     differ between them, so they must be given one."""
-    external = "WORLD_SIZE" in os.environ or (int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
-                                             and "SUBMITIT_EXECUTOR" not in os.environ)
-    if external and not any(a.startswith("hydra.run.dir=") for a in args):
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) * int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if ranks > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
         print("fgvr train: error: this is one of several processes (torchrun or srun); pass hydra.run.dir=DIR "
               "so that all of them share one run dir", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ from fgvr.config import DataConfig, DataFormat
 from fgvr.data.readers import READERS, Records, Splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
 from fgvr.engine.distributed import cpus_per_process
-from fgvr.engine.preemption import ignore_stop_signals
+from fgvr.engine.preemption import protect_worker
 from fgvr.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
     parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, cpus_per_process())
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=protect_worker,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def loader(name: str, train: bool) -> DataLoader | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -47,8 +48,23 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers leave SIGTERM/SIGUSR2 to the main process, which stops
-    them itself once it has saved (SLURM signals every process of a job step)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+# How long a data loader worker outlives a SIGTERM: long enough for the main process to finish
+# its step and save (SLURM itself waits KillWait, 30 s by default, before SIGKILL).
+WORKER_GRACE_S = 30.0
+
+
+def protect_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM signals every process of a job step, workers included; a
+    worker that died at once would fail the main process's step before it could save.
+
+    SIGUSR2 is ignored. SIGTERM ends the worker WORKER_GRACE_S later instead of at once (the
+    DataLoader also uses SIGTERM to end a stuck worker, so it cannot simply be ignored); by then
+    the main process has saved and shut its workers down."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_later)
+
+
+def _exit_later(signum, frame) -> None:
+    timer = threading.Timer(WORKER_GRACE_S, os._exit, args=(128 + signum,))
+    timer.daemon = True
+    timer.start()

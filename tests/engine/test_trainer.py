@@ -1,6 +1,7 @@
 """The training loop: run files, checkpoints, resume, evaluation, options."""
 
 import json
+import os
 import signal
 import subprocess
 import tempfile
@@ -198,3 +199,30 @@ def test_stopped_runs_resume_and_match_an_uninterrupted_one(tmp_path):
         assert strip(events) == strip(read_events(tmp_path / "whole" / "metrics.jsonl"))
         assert [e["step"] for e in events if e.get("event") == "resumed"] == [at]
     assert [e["event"] for e in read_events(signalled / "metrics.jsonl") if "event" in e] == ["interrupted", "resumed"]
+
+
+def _worker(ready) -> None:
+    from fgvr.engine import preemption
+
+    preemption.WORKER_GRACE_S = 1.0
+    preemption.protect_worker(0)
+    ready.set()
+    time.sleep(30)
+
+
+def test_data_workers_outlive_stop_signals_long_enough_for_the_save():
+    """SLURM signals the loader workers too: SIGUSR2 must not end them, and SIGTERM only after a
+    grace period (the main process saves first), yet a SIGTERM still ends a stuck worker."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_worker, args=(ready,))
+    worker.start()
+    assert ready.wait(30)
+    os.kill(worker.pid, signal.SIGUSR2)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    worker.join(10)
+    assert worker.exitcode == 128 + signal.SIGTERM

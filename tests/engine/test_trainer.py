@@ -201,6 +201,56 @@ def test_stopped_runs_resume_and_match_an_uninterrupted_one(tmp_path):
     assert [e["event"] for e in read_events(signalled / "metrics.jsonl") if "event" in e] == ["interrupted", "resumed"]
 
 
+def test_eval_reproduces_the_test_accuracy(tmp_path):
+    run_dir = tmp_path / "run"
+    fgvr("train", *TINY, "selector=glsim", "head=aggregator", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    out = fgvr("eval", f"ckpt={run_dir}", cwd=tmp_path)
+    evaluated = json.loads((run_dir / "eval_test.json").read_text())
+    assert evaluated["acc"] == pytest.approx(results["test_acc"]) and evaluated["epoch"] == 2
+    assert evaluated["crop_iou"] == pytest.approx(results["crop_iou"])
+    assert f"test acc {results['test_acc']:.2f}%" in out.stdout
+    fgvr("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "split=val", cwd=tmp_path)
+    assert json.loads((run_dir / "eval_val.json").read_text())["acc"] == pytest.approx(results["best_val_acc"])
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".log"]
+
+
+def test_eval_of_val_without_a_val_split_is_refused(train_run):
+    from fgvr.config import EvalConfig
+    from fgvr.engine.evaluate import evaluate_checkpoint
+
+    _, run_dir = train_run("trainer.epochs=1", "data.val_fraction=0")
+    with pytest.raises(ConfigError, match="split=val: the run had no val split"):
+        evaluate_checkpoint(EvalConfig(ckpt=str(run_dir), split="val"))
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = fgvr("eval", f"ckpt={bad}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a readable checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_train_meets_the_bar(tmp_path):
+    """`fgvr train` with no arguments: under 2 minutes here, test accuracy >= 3x chance."""
+    start = time.time()
+    fgvr("train", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    elapsed = time.time() - start
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    chance = 100 / results["num_classes"]
+    print(f"fgvr train: {elapsed:.1f} s, test acc {results['test_acc']:.1f}%, {results['train_img_per_s']:.0f} img/s")
+    assert results["test_acc"] >= 3 * chance and elapsed < 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [[], ["selector=glsim", "head=aggregator"],
+                                   ["texture=gabor", "texture.region_size=16", "texture.kernel_size=7"]])
+def test_compile_trains(train_run, model):
+    results, _ = train_run("trainer.epochs=1", "trainer.compile=true", *model)
+    assert results["status"] == "finished"
+
+
 def _worker(ready) -> None:
     from fgvr.engine import preemption
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -18,6 +19,7 @@ from fgvr.engine.evaluate import evaluate_checkpoint
 from fgvr.engine.optim import scaled_lr
 from fgvr.errors import ConfigError
 from fgvr.tracking.run import read_events
+from tests.conftest import FGVR, TINY
 
 
 def _keys(sampler: EpochSampler) -> list[int]:
@@ -132,3 +134,15 @@ def test_every_method_trains_over_two_processes(train_run, method):
     """DDP needs every parameter to get a gradient and every buffer to be broadcastable."""
     results, _ = train_run("trainer.devices=2", *method)
     assert results["status"] == "finished" and results["world_size"] == 2
+
+
+def test_torchrun_ranks_form_one_run(tmp_path):
+    """The documented torchrun usage: each rank composes the config, all share hydra.run.dir."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([str(FGVR.with_name("torchrun")), "--nproc_per_node", "2", "-m", "fgvr.cli", "train",
+                           *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2
+    assert (run_dir / "train.log").read_text().count("test acc") == 1  # rank 0 alone logs

@@ -113,20 +113,19 @@ class EpochSampler(Sampler):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _order(self) -> torch.Tensor:
+    def _total(self) -> int:
+        return -(-self.n // self.world_size) * self.world_size if self.pad else self.n
+
+    def __len__(self) -> int:
+        return len(range(self.start + self.rank, self._total(), self.world_size))
+
+    def __iter__(self):
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        if self.pad:
-            order = order[torch.arange(-(-self.n // self.world_size) * self.world_size) % self.n]
-        return order[self.start:][self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        return len(self._order())
-
-    def __iter__(self):
-        return ((i, self.epoch) for i in self._order().tolist())
+        order = order[torch.arange(self._total()) % self.n]  # padded by repeating its start
+        return ((i, self.epoch) for i in order[self.start + self.rank::self.world_size].tolist())
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -132,7 +132,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     numbers are over the whole split. One host-device sync."""
     model.eval()
     totals = torch.zeros(10, device=device)  # loss sum, top-1 hits, top-5 hits, (IoU sum, hits, boxes) x 2, n
-    start = time.perf_counter()
+    n, start = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
@@ -144,9 +144,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         truth = batch.boxes.to(device) * model.input_size
         local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
                  for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
-        totals += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                                          (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
-                             *local, totals.new_tensor([len(labels)])])
+        totals[:9] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                              (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
+                                 *local])
+        n += len(labels)
+    totals[9] = n  # counted on the host: a tensor made from it in every batch would be a copy per batch
     loss, top1, top5, *local, n = distributed.all_reduce_(totals, dist).tolist()
     elapsed = time.perf_counter() - start
     n = max(n, 1)
@@ -254,7 +256,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     lr = scaled_lr(cfg.optim, step_batch, cfg.data.batch_size)
     if lr != cfg.optim.lr:
         log.info("lr %.3g (optim.lr %.3g scaled %s to a step batch of %d)", lr, cfg.optim.lr,
-                 OmegaConf.to_container(cfg.optim, enum_to_str=True)["lr_scale"], step_batch)
+                 cfg.optim.lr_scale.name, step_batch)
     optimizer = build_optimizer(model, cfg.optim, device, lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * t.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
@@ -314,8 +316,8 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         loaders.train.sampler.set_epoch(epoch, position)
         first = position // (cfg.data.batch_size * dist.world_size)  # the batch index we start at
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # loss sum, hits, images since the last log event
-        seen = 0
+        sums = torch.zeros(3, device=device)  # loss sum, hits, images (filled in at a log event)
+        seen = seen_log = 0
         epoch_start = tick = time.perf_counter()
         with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch, first // t.accum_steps,
                            enabled=None if dist.is_main else False) as progress:
@@ -329,8 +331,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                         logits, _ = forward(images)
                         loss = criterion(logits.float(), labels)
                     scaler.scale(loss / t.accum_steps).backward()
-                sums += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum(),
-                                     sums.new_tensor(len(labels))])
+                sums[:2] += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
                 seen += len(labels)
                 skipped += batch.skipped
                 if not sync:
@@ -348,6 +349,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                     ema.update(model, step=step)
                 progress.advance()
                 if step % t.log_every == 0:  # the only host-device sync of the training step
+                    sums[2] = seen - seen_log
                     loss_sum, hits, n = distributed.all_reduce_(sums, dist).tolist()
                     now = time.perf_counter()
                     event = dict(step=step, epoch=epoch + 1, split="train", loss=loss_sum / n, acc=100 * hits / n,
@@ -358,7 +360,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                         log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", epoch + 1,
                                  step, event["loss"], event["acc"], event["lr"], event["img_per_s"])
                     sums.zero_()
-                    tick = now
+                    seen_log, tick = seen, now
                 stop_here()
         epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start))
         epoch, position = epoch + 1, 0

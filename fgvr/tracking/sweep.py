@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,11 @@ def sweep_runs(sweep_dir: Path) -> list[RunStatus]:
     """Every run dir of a sweep (sub-dirs with a .hydra/ or results.json), in job order."""
     dirs = [d for d in Path(sweep_dir).iterdir()
             if d.is_dir() and ((d / ".hydra").is_dir() or (d / "results.json").is_file())]
-    return [run_status(d) for d in sorted(dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if
-                                                               d.name.isdigit() else 0, d.name))]
+    return [run_status(d) for d in sorted(dirs, key=lambda d: (len(d.name), d.name))]  # 0, 1, ..., 10
 
 
 def format_summary(sweep_dir: Path, runs: list[RunStatus]) -> str:
-    counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.status] = counts.get(r.status, 0) + 1
+    counts = Counter(r.status for r in runs)
     head = f"sweep {sweep_dir}: {len(runs)} runs, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     width = max((len(r.overrides) for r in runs), default=0)
     lines = [f"  {r.status:<11} {r.overrides:<{width}}  {r.dir}  {r.detail}" for r in runs]

@@ -21,12 +21,14 @@ commands:
           a sweep: fgvr train --multirun seed=1,10,100 [hydra/launcher=slurm]; DDP: trainer.devices=4
   eval    re-evaluate a checkpoint on the test split        e.g. fgvr eval ckpt=outputs/<date>/<run dir>
   viz     draw heat maps, boxes and crops for n images      e.g. fgvr viz ckpt=outputs/<date>/<run dir> n=16
+  bench   time training and eval steps of a composed run   e.g. fgvr bench selector=glsim bench.out=bench.json
+          (img/s of the whole loop and of the model alone, ms per step by phase, peak memory, MFU)
 
 `fgvr <command> --help` lists the config groups and the composed config;
 `fgvr train --cfg job` prints the config without running.
 """
 
-COMMANDS = ("train", "eval", "viz")
+COMMANDS = ("train", "eval", "viz", "bench")
 log = logging.getLogger("fgvr")
 
 
@@ -105,8 +107,8 @@ def _hydra_app(command: str):
 
     from fgvr.config import config_dir, register_schemas
 
-    register_schemas()
-    task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task}[command]
+    register_schemas(bench=command == "bench")
+    task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task, "bench": _bench_task}[command]
     return hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)
 
 
@@ -146,6 +148,17 @@ def _viz_task(cfg) -> None:
     from fgvr.tracking.viz import visualise
 
     _report_user_errors("viz", visualise, cfg)
+
+
+def _bench_task(cfg) -> None:
+    from fgvr.engine.bench import bench
+    from fgvr.tracking.run import run_info, write_json
+
+    def measure(cfg) -> None:  # the numbers go to <run dir>/bench.json (and to bench.out if given)
+        run = run_info(cfg.name)
+        write_json(run.dir / "bench.json", bench(cfg, run.choices))
+
+    _report_user_errors("bench", measure, cfg)
 
 
 def _report_user_errors(command: str, fn, cfg) -> None:
@@ -241,9 +254,9 @@ def _schema_keys(command: str, parent: str) -> list[str]:
     import dataclasses
     import typing
 
-    from fgvr.config import EvalConfig, TrainConfig, VizConfig
+    from fgvr.config import BenchConfig, EvalConfig, TrainConfig, VizConfig
 
-    node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig}[command]
+    node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig, "bench": BenchConfig}[command]
     for part in filter(None, parent.split(".")):
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []

@@ -39,6 +39,11 @@ class DataFormat(Enum):
     csv = "csv"
 
 
+class DataCache(Enum):
+    none = "none"  # decode every image file in every epoch
+    decoded = "decoded"  # decode and resize once into a memory-mapped uint8 array under paths.cache_dir
+
+
 class OptimName(Enum):
     sgd = "sgd"
     adamw = "adamw"
@@ -88,6 +93,7 @@ class DataConfig:
     num_workers: Optional[int] = None  # default: min(8, this process's share of the cores)
     val_fraction: float = 0.1
     skip_bad: bool = False
+    cache: DataCache = DataCache.none
     train_csv: str = "train.csv"
     test_csv: str = "test.csv"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -119,7 +125,8 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max gradient norm
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # e.g. 0.9998; evaluation then uses the EMA weights
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (both passes); the compile time is logged and in results
+    grad_checkpointing: bool = False  # recompute the backbone's blocks in backward: less memory (448 px), ~30 % slower
     deterministic: bool = False
     eval_every: int = 1  # epochs between val evaluations
     log_every: int = 50  # steps between train log events
@@ -158,6 +165,20 @@ class TrainConfig:
 
 
 @dataclass
+class BenchSettings:
+    warmup: int = 3  # untimed steps first (worker start-up, allocator, cudnn autotuning, compilation)
+    steps: int = 10  # timed steps of each kind
+    eval_steps: int = 5  # timed evaluation batches
+    peak_tflops: Optional[float] = None  # the device's dense peak for MFU; null: looked up from the GPU's name
+    out: Optional[str] = None  # also write the results as JSON here
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+@dataclass
 class EvalConfig:
     ckpt: str = MISSING  # a run dir or a .pt file
     split: str = "test"  # test | val
@@ -176,10 +197,12 @@ class VizConfig:
     data_root: Optional[str] = None  # where the data lives now, if it moved
 
 
-def register_schemas() -> None:
+def register_schemas(bench: bool = False) -> None:
+    """Store the schemas under the names the configs' defaults lists use. `fgvr bench` composes
+    train.yaml itself (bench.yaml adds the bench section), so for it `fgvr_train` is BenchConfig."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="fgvr_train", node=TrainConfig)
+    cs.store(name="fgvr_train", node=BenchConfig if bench else TrainConfig)
     cs.store(name="fgvr_eval", node=EvalConfig)
     cs.store(name="fgvr_viz", node=VizConfig)

@@ -1,19 +1,20 @@
-"""Image loading, the dataset, the seeded val split and the loaders."""
+"""The dataset, the seeded val split and the loaders."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fgvr.config import DataConfig, DataFormat
+from fgvr.config import DataCache, DataConfig, DataFormat
+from fgvr.data.cache import DecodedImages, decoded_cache
+from fgvr.data.image import load_image
 from fgvr.data.readers import READERS, Records, Splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
 from fgvr.engine.distributed import cpus_per_process
@@ -21,27 +22,6 @@ from fgvr.engine.preemption import protect_worker
 from fgvr.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads only contend
-
-_END_MARKERS = {b"\xff\xd8": b"\xff\xd9", b"\x89P": b"IEND\xaeB`\x82"}  # JPEG EOI, PNG IEND
-
-
-def load_image(path: str) -> np.ndarray:
-    """Decode an image file to RGB uint8 (grayscale, palette, RGBA and CMYK included).
-
-    Raises DataError naming the file when it is missing, unreadable or truncated."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
-    end = _END_MARKERS.get(data[:2])
-    if end is not None and end not in data[-64:]:
-        raise DataError(f"{path}: truncated image file (no end marker); re-extract or re-download it")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"{path}: not a decodable image; remove it or set data.skip_bad=true")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 class ImageDataset(Dataset):
@@ -52,25 +32,36 @@ class ImageDataset(Dataset):
 
     Keys are (index, epoch) pairs from EpochSampler, or plain indices. Augmentation randomness
     is seeded from (seed, epoch, index), so a batch does not depend on the number of workers
-    and a resumed epoch sees exactly the images an uninterrupted run would have seen."""
+    and a resumed epoch sees exactly the images an uninterrupted run would have seen.
 
-    def __init__(self, records: Records, transform, seed: int = 0, skip_bad: bool = False):
+    With `decoded` (data.cache=decoded) images come resized from the cache, and the transform
+    must be the one that starts after the resize (`resized=True`)."""
+
+    def __init__(self, records: Records, transform, seed: int = 0, skip_bad: bool = False,
+                 decoded: DecodedImages | None = None):
         self.records, self.transform, self.seed, self.skip_bad = records, transform, seed, skip_bad
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its box in its pixels."""
+        if self.decoded is None:
+            return load_image(self.records.paths[index]), self.records.boxes[index]
+        image, scale = self.decoded[index]
+        return image, self.records.boxes[index] * np.tile(scale, 2)
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         try:
-            image = load_image(self.records.paths[index])
+            image, box = self._load(index)
         except DataError:
             if self.skip_bad:
                 return None
             raise
         seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         self.transform.set_random_seed(int(seed))
-        box = self.records.boxes[index]
         out = self.transform(image=image, bboxes=box[None] if np.isfinite(box).all() else np.zeros((0, 4), np.float32))
         image = out["image"]
         h, w = image.shape[:2]
@@ -93,6 +84,24 @@ def collate(samples: list) -> Batch:
     images, labels, boxes = zip(*kept)
     return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.stack(boxes),
                  len(samples) - len(kept))
+
+
+class DataWait:
+    """Iterates `batches`, adding up in `seconds` the time spent waiting for each one: how long a
+    training loop is starved by its data pipeline (host time; nothing is synchronised)."""
+
+    def __init__(self, batches: Iterable):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 
 class EpochSampler(Sampler):
@@ -186,13 +195,21 @@ class Loaders:
 def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0,
                   rank: int = 0, world_size: int = 1) -> Loaders:
     """Train / val / test loaders of one rank; `scale` > 1 delivers images that much larger than
-    data.img_size (the same view at a higher resolution, for selector.crop_source=original)."""
+    data.img_size (the same view at a higher resolution, for selector.crop_source=original).
+    With data.cache=decoded the images come from a decoded cache of each official split (built
+    on first use)."""
     splits = read_splits(cfg, cache_dir)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
     parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, cpus_per_process())
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    size = round(cfg.img_size * scale)
+    decoded = None
+    if DataCache(getattr(cfg, "cache", "none")) is DataCache.decoded:  # configs of older runs have none
+        side = round(size * cfg.resize_ratio)  # the transforms' first resize
+        decoded = {split: decoded_cache(getattr(splits, split), side, cache_dir, split, workers, cfg.skip_bad)
+                   for split in ("train", "test")}
     common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=protect_worker,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
@@ -200,9 +217,11 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
         records = parts[name]
         if len(records) == 0:
             return None
-        size = round(cfg.img_size * scale)
-        tf = train_transform(size, cfg.resize_ratio, cfg.augment) if train else eval_transform(size, cfg.resize_ratio)
-        ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad)
+        resized = decoded is not None
+        tf = train_transform(size, cfg.resize_ratio, cfg.augment, resized) if train else \
+            eval_transform(size, cfg.resize_ratio, resized)
+        source = decoded["test" if name == "test" else "train"].select(records.paths) if resized else None
+        ds = ImageDataset(records, tf, seed=seed, skip_bad=cfg.skip_bad, decoded=source)
         sampler = EpochSampler(len(records), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
         # Its own generator: worker seeds never draw from (and shift) the global torch RNG,
         # so a resumed run continues with the same random stream as an uninterrupted one.

@@ -34,10 +34,15 @@ def trivial_augment() -> A.BaseCompose:
     return A.OneOf(ops, p=1.0)
 
 
-def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig) -> A.Compose:
+def _resize(img_size: int, resize_ratio: float, resized: bool) -> list:
+    """The square resize to resize_ratio * S, unless the images come resized (data.cache=decoded)."""
+    side = round(img_size * resize_ratio)
+    return [] if resized else [A.Resize(side, side, interpolation=cv2.INTER_LINEAR)]
+
+
+def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig, resized: bool = False) -> A.Compose:
     """Square resize to resize_ratio * S, random crop S, flip, TrivialAugment, random erasing."""
-    resize = round(img_size * resize_ratio)
-    ops: list = [A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.RandomCrop(img_size, img_size)]
+    ops: list = [*_resize(img_size, resize_ratio, resized), A.RandomCrop(img_size, img_size)]
     if aug.hflip:
         ops.append(A.HorizontalFlip(p=0.5))
     if aug.trivial_augment:
@@ -47,11 +52,9 @@ def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig) -> A
     return A.Compose(ops, bbox_params=BBOX)
 
 
-def eval_transform(img_size: int, resize_ratio: float) -> A.Compose:
+def eval_transform(img_size: int, resize_ratio: float, resized: bool = False) -> A.Compose:
     """Square resize to resize_ratio * S, centre crop S."""
-    resize = round(img_size * resize_ratio)
-    return A.Compose([A.Resize(resize, resize, interpolation=cv2.INTER_LINEAR), A.CenterCrop(img_size, img_size)],
-                     bbox_params=BBOX)
+    return A.Compose([*_resize(img_size, resize_ratio, resized), A.CenterCrop(img_size, img_size)], bbox_params=BBOX)
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

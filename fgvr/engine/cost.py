@@ -59,7 +59,8 @@ def _median_ms(fn: Callable, device: torch.device, reps: int, setup: Callable = 
 def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
                  reps: int = 5) -> dict:
     """Stage FLOPs, the time of a training step (forward + backward) on this batch, of the
-    selection alone (the selector's call on the first pass's tokens) and of the texture branch
+    selection alone (the selector's call on the first pass's tokens), of the crop of its boxes
+    (the second pass's input) and of the texture branch
     alone (its regions, filters and statistics, forward + backward, on the first pass's tokens).
     Leaves no gradients behind."""
     device = images.device
@@ -76,19 +77,31 @@ def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, a
 
     def first_pass():
         with torch.no_grad(), autocast():
-            _, x = model.prepare(images)
-            return model.first_pass(x), x.shape[-2:]
+            source, x = model.prepare(images)
+            return source, model.first_pass(x), x.shape[-2:]
 
     if model.selector is not None:
         def select(arg) -> None:
+            _, tokens, hw = arg
             with autocast():
-                model.selector(*arg)
+                model.selector(tokens, hw)
+
+        def crop_inputs():  # the crop source and the selector's boxes
+            source, tokens, hw = first_pass()
+            with torch.no_grad(), autocast():
+                return source, model.selector(tokens, hw).boxes
+
+        def crop(arg) -> None:
+            with autocast():
+                model.crops(*arg)
 
         cost["select_ms"] = round(_median_ms(select, device, reps, setup=first_pass), 4)
         cost["select_share_pct"] = round(100 * cost["select_ms"] / cost["step_ms"], 4)
+        cost["crop_ms"] = round(_median_ms(crop, device, reps, setup=crop_inputs), 4)
+        cost["crop_share_pct"] = round(100 * cost["crop_ms"] / cost["step_ms"], 4)
     if model.texture is not None:
         def texture_inputs():  # the first pass's tokens, and the selector's boxes for regions=glsim
-            tokens, hw = first_pass()
+            _, tokens, hw = first_pass()
             with torch.no_grad(), autocast():
                 boxes = model.selector(tokens, hw).boxes if model.selector is not None else None
             return tokens, hw, boxes

@@ -89,6 +89,12 @@ def setup(dist: Dist, device: torch.device) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def teardown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvr.config import Precision
-from fgvr.data.dataset import build_loaders
+from fgvr.data.dataset import DataWait, build_loaders
 from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
 from fgvr.engine.distributed import AnyRank, Dist
@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change; any other difference means it is a different run.
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
-                     "trainer.devices", "trainer.compile", "trainer.limit_eval_batches", "data.root",
-                     "data.num_workers", "data.eval_batch_size", "logger", "resume", "paths", "name")
+                     "trainer.devices", "trainer.compile", "trainer.grad_checkpointing",
+                     "trainer.limit_eval_batches", "data.root", "data.num_workers", "data.eval_batch_size",
+                     "data.cache", "logger", "resume", "paths", "name")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -310,7 +311,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
             raise Interrupted(stop.requested or signal.SIGTERM, step)
 
     # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
-    epoch_rates, skipped = [], 0
+    epoch_rates, skipped, compile_s, loop_start = [], 0, None, time.perf_counter()
     while epoch < t.epochs:
         model.train()
         loaders.train.sampler.set_epoch(epoch, position)
@@ -319,9 +320,10 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         sums = torch.zeros(3, device=device)  # loss sum, hits, images (filled in at a log event)
         seen = seen_log = 0
         epoch_start = tick = time.perf_counter()
+        batches = DataWait(loaders.train)  # adds up the time the loop waits for data
         with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch, first // t.accum_steps,
                            enabled=None if dist.is_main else False) as progress:
-            for i, batch in enumerate(loaders.train, start=first):
+            for i, batch in enumerate(batches, start=first):
                 if i >= steps_per_epoch * t.accum_steps:
                     break
                 images, labels = to_device(batch.images, batch.labels, device, channels_last)
@@ -348,6 +350,10 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 if ema is not None:
                     ema.update(model, step=step)
                 progress.advance()
+                if t.compile and compile_s is None:  # the first step compiled the model: one sync, once
+                    distributed.synchronize(device)
+                    compile_s = time.perf_counter() - loop_start - batches.seconds
+                    log.info("torch.compile: the first step took %.1f s, compilation included", compile_s)
                 if step % t.log_every == 0:  # the only host-device sync of the training step
                     sums[2] = seen - seen_log
                     loss_sum, hits, n = distributed.all_reduce_(sums, dist).tolist()
@@ -362,7 +368,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                     sums.zero_()
                     seen_log, tick = seen, now
                 stop_here()
-        epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start))
+        epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start, batches.seconds))
         epoch, position = epoch + 1, 0
 
         if loaders.val is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
@@ -393,10 +399,12 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                  f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
                  if "texture_ms" in cost else "")
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
+    timed_s = sum(s for _, s, _ in timed)
     return {
         "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,
         "best_epoch": best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "train_img_per_s": sum(n for n, _ in timed) / sum(s for _, s in timed) if timed else None,
+        "train_img_per_s": sum(n for n, _, _ in timed) / timed_s if timed else None,
+        "data_wait_pct": 100 * sum(w for _, _, w in timed) / timed_s if timed else None, "compile_s": compile_s,
         "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
         "params_m": round(params_m, 3), "steps": step, "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),

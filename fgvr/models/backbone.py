@@ -66,12 +66,18 @@ class Backbone(nn.Module):
     token (or timm's pooling) for ViTs, global average pooling for CNNs."""
 
     def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
-                 img_size: int | None = None, drop_path_rate: float = 0.0, kwargs: dict | None = None):
+                 img_size: int | None = None, drop_path_rate: float = 0.0, kwargs: dict | None = None,
+                 grad_checkpointing: bool = False):
         super().__init__()
         extra = dict(kwargs or {})
         if drop_path_rate:
             extra["drop_path_rate"] = drop_path_rate
         self.model = create_timm_model(name, pretrained, checkpoint, img_size, **extra)
+        if grad_checkpointing:  # timm's own: the blocks' activations are recomputed in backward
+            try:
+                self.model.set_grad_checkpointing(True)
+            except (AssertionError, NotImplementedError) as e:
+                raise ConfigError(f"trainer.grad_checkpointing=true: {name} does not support it ({e})") from None
         self.num_features: int = self.model.num_features
         self.is_transformer = hasattr(self.model, "num_prefix_tokens")
         self.has_cls_token = getattr(self.model, "cls_token", None) is not None

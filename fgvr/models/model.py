@@ -163,7 +163,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     kwargs = dict(b.kwargs)
     if selector is not None and selector.crop_size not in (None, cfg.data.img_size):
         kwargs.setdefault("dynamic_img_size", True)  # ViTs: the crop pass runs at another size
-    backbone = Backbone(b.name, b.pretrained, b.checkpoint, cfg.data.img_size, b.drop_path_rate, kwargs)
+    backbone = Backbone(b.name, b.pretrained, b.checkpoint, cfg.data.img_size, b.drop_path_rate, kwargs,
+                        grad_checkpointing=cfg.trainer.get("grad_checkpointing", False))
     if selector is not None and selector.needs_transformer and not backbone.is_transformer:
         raise ConfigError(f"selector={selector.name}: needs a ViT backbone (attention maps); "
                           f"{b.name} is a CNN")

@@ -30,6 +30,7 @@ def test_train_writes_the_run_files(train_run):
     assert saved["selector"] == "none" and saved["head"] == "linear" and saved["steps"] == 3 * 5
     assert 0 <= saved["test_acc"] <= 100 and saved["test_top5"] == 100.0  # 4 classes: top-5 is everything
     assert saved["train_img_per_s"] > 0 and saved["params_m"] > 0 and set(saved["versions"]) >= {"torch", "timm"}
+    assert 0 <= saved["data_wait_pct"] < 100 and saved["compile_s"] is None
     events = read_events(run_dir / "metrics.jsonl")
     assert {e["split"] for e in events} == {"train", "val", "test"}
     train = [e for e in events if e["split"] == "train"]
@@ -89,6 +90,7 @@ def test_selector_runs_report_localisation_and_cost(train_run):
     assert set(cost["gflops_per_image"]) == {"first_pass", "selection", "second_pass", "head", "total"}
     assert cost["gflops_per_image"]["second_pass"] == pytest.approx(cost["gflops_per_image"]["first_pass"], rel=0.01)
     assert 0 < cost["select_ms"] < cost["step_ms"] and cost["select_share_pct"] > 0
+    assert 0 < cost["crop_ms"] < cost["step_ms"] and cost["crop_share_pct"] > 0
     evals = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] != "train"]
     assert all({"crop_iou", "crop_hit"} <= e.keys() for e in evals) and {e["split"] for e in evals} == {"val", "test"}
     plain, _ = train_run("trainer.epochs=1", run_dir=run_dir.parent / "plain")
@@ -248,7 +250,21 @@ def test_default_train_meets_the_bar(tmp_path):
                                    ["texture=gabor", "texture.region_size=16", "texture.kernel_size=7"]])
 def test_compile_trains(train_run, model):
     results, _ = train_run("trainer.epochs=1", "trainer.compile=true", *model)
-    assert results["status"] == "finished"
+    assert results["status"] == "finished" and results["compile_s"] > 0
+
+
+@pytest.mark.parametrize("model", [["head=linear"], ["selector=glsim", "head=aggregator"],
+                                   ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false"]])
+def test_gradient_checkpointing_trains_the_same_model(train_run, tmp_path, model):
+    """Recomputing the blocks in backward changes memory, not the maths: the same weights. (A CNN's
+    batch-norm running statistics see the recomputed forward too, so only the parameters compare.)"""
+    train_run("trainer.epochs=1", *model, run_dir=tmp_path / "plain")
+    train_run("trainer.epochs=1", "trainer.grad_checkpointing=true", *model, run_dir=tmp_path / "recomputed")
+    plain, recomputed = (checkpoint.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("plain", "recomputed"))
+    assert recomputed["config"]["trainer"]["grad_checkpointing"]
+    params = [k for k in plain["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for k in params:
+        assert torch.allclose(plain["model"][k], recomputed["model"][k], atol=1e-5), k
 
 
 def _worker(ready) -> None:

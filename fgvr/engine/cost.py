@@ -12,16 +12,24 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from fgvr.models.model import FGVRModel
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch counts its CUDA attention kernels but not the CPU one: count that with the same formula.
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
     """Forward GFLOPs per image of each stage (matmuls and convolutions, as torch counts them)."""
 
     def count(fn: Callable):
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             out = fn()
         return out, counter.get_total_flops() / 1e9
 

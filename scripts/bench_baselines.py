@@ -1,0 +1,177 @@
+"""fgvr against the standard alternatives, side by side on this machine, on generated CUB-like JPEGs:
+
+    .venv/bin/python scripts/bench_baselines.py data [--size 448] [--images 200]
+        one core: PIL decode + torchvision transforms vs fgvr's OpenCV + albumentations pipeline,
+        with and without data.cache=decoded (the same resize, random crop and flip)
+    .venv/bin/python scripts/bench_baselines.py timm [--model vit_tiny_patch16_224] [--size 224] [--batch 32]
+        training img/s of a loop built from timm's own parts as its train.py builds them (timm's
+        loader, PIL transforms and prefetcher, create_optimizer_v2, label-smoothing loss) vs
+        `fgvr bench` and `fgvr train` with the same model, batch, precision (fp32) and workers
+
+Prints one JSON object per line of results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FGVR = Path(sys.executable).with_name("fgvr")
+
+
+def write_jpegs(root: Path, n: int, classes: int = 4, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`n` photo-like JPEGs (smooth colour fields, edges, fine texture, noise; CUB's 500 x ~375 px at
+    quality 90) in root/{train,test}/<class>/, the layout of data=folder and timm's ImageFolder."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        field = cv2.resize(rng.uniform(0, 255, (6, 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        yy, xx = np.mgrid[0:h, 0:w]
+        texture = 25 * np.sin(xx * rng.uniform(0.05, 0.4) + yy * rng.uniform(0.05, 0.4))[..., None]
+        image = np.clip(field + texture + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+        cv2.circle(image, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(20, 120)),
+                   tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+        folder = root / ("test" if i % 5 == 4 else "train") / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return root
+
+
+def _rate(fn, items: list, repeats: int = 2) -> float:
+    """Images per second of fn over items, the best of `repeats` passes (the first warms the file cache)."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = max(best, len(items) / (time.perf_counter() - start))
+    return best
+
+
+def bench_data(args) -> None:
+    import cv2
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from fgvr.config import AugmentConfig
+    from fgvr.data.cache import decoded_cache
+    from fgvr.data.dataset import ImageDataset
+    from fgvr.data.readers import make_records
+    from fgvr.data.transforms import train_transform
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp) / "jpegs", args.images)
+        paths = sorted(str(p) for p in root.rglob("*.jpg"))
+        records = make_records(paths, [0] * len(paths))
+        resize = round(args.size * 1.34)
+        tv = T.Compose([T.Resize((resize, resize)), T.RandomCrop(args.size), T.RandomHorizontalFlip(), T.PILToTensor()])
+        pil = _rate(lambda p: tv(Image.open(p).convert("RGB")), paths)
+        aug = AugmentConfig(hflip=True)
+        ours = ImageDataset(records, train_transform(args.size, 1.34, aug))
+        fgvr_rate = _rate(ours.__getitem__, list(range(len(paths))))
+        cache = decoded_cache(records, resize, Path(tmp) / "cache", "train", workers=0, skip_bad=False)
+        cached = ImageDataset(records, train_transform(args.size, 1.34, aug, resized=True), decoded=cache)
+        cached_rate = _rate(cached.__getitem__, list(range(len(paths))))
+    for name, rate in (("pil+torchvision", pil), ("fgvr", fgvr_rate), ("fgvr cache=decoded", cached_rate)):
+        print(json.dumps({"bench": "data", "pipeline": name, "size": args.size, "images": len(paths),
+                          "img_per_s_per_core": round(rate, 1), "x_pil": round(rate / pil, 2)}))
+
+
+def bench_timm(args) -> None:
+    import timm
+    import timm.data
+    import timm.loss
+    import timm.optim
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp) / "jpegs", args.images)
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, pretrained=False, num_classes=4, img_size=args.size)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        dataset = timm.data.create_dataset("", root=str(root / "train"), is_training=True)
+        loader = timm.data.create_loader(
+            dataset, input_size=(3, args.size, args.size), batch_size=args.batch, is_training=True,
+            use_prefetcher=True, device=torch.device("cpu"), num_workers=args.workers, mean=cfg["mean"],
+            std=cfg["std"], interpolation=cfg["interpolation"], color_jitter=0.4, persistent_workers=True)
+        optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+        loss_fn = timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)
+        model.train()
+
+        def batches():
+            while True:
+                yield from loader
+
+        stream = batches()
+
+        def step() -> None:
+            images, target = next(stream)
+            loss = loss_fn(model(images), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(args.warmup):
+            step()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        timm_rate = args.batch * args.steps / (time.perf_counter() - start)
+        print(json.dumps({"bench": "timm", "runner": "timm loop", "model": args.model, "size": args.size,
+                          "batch": args.batch, "workers": args.workers, "img_per_s": round(timm_rate, 2)}))
+
+        common = [f"data=folder", f"data.root={root}", "backbone=vit_tiny", f"backbone.name={args.model}",
+                  "backbone.pretrained=false", "backbone.drop_path_rate=0", f"data.img_size={args.size}",
+                  f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", "trainer.precision=fp32",
+                  "data.val_fraction=0", "trainer.label_smoothing=0.1", "optim.warmup_steps=0"]
+        out = Path(tmp) / "bench.json"
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+        subprocess.run([str(FGVR), "bench", *common, f"bench.warmup={args.warmup}", f"bench.steps={args.steps}",
+                        "bench.eval_steps=1", f"bench.out={out}", f"hydra.run.dir={tmp}/bench"], check=True, env=env)
+        bench = json.loads(out.read_text())
+        print(json.dumps({"bench": "timm", "runner": "fgvr bench", "img_per_s": bench["train_img_per_s"],
+                          "model_img_per_s": bench["model_train_img_per_s"],
+                          "x_timm": round(bench["train_img_per_s"] / timm_rate, 3)}))
+        if args.train_epochs:
+            subprocess.run([str(FGVR), "train", *common, f"trainer.epochs={args.train_epochs}",
+                            "trainer.log_every=1000", f"hydra.run.dir={tmp}/train"], check=True, env=env)
+            results = json.loads((Path(tmp) / "train" / "results.json").read_text())
+            print(json.dumps({"bench": "timm", "runner": "fgvr train", "img_per_s": results["train_img_per_s"],
+                              "data_wait_pct": results["data_wait_pct"],
+                              "x_timm": round(results["train_img_per_s"] / timm_rate, 3)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    data = sub.add_parser("data", help="data pipelines, one core")
+    data.add_argument("--size", type=int, default=448)
+    data.add_argument("--images", type=int, default=200)
+    t = sub.add_parser("timm", help="training img/s against a loop of timm's parts")
+    t.add_argument("--model", default="vit_tiny_patch16_224")
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--images", type=int, default=400, help="generated JPEGs, 4 in 5 for training")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--steps", type=int, default=8)
+    t.add_argument("--train-epochs", type=int, default=3, help="also time `fgvr train` over this many epochs (0: no)")
+    args = parser.parse_args()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    {"data": bench_data, "timm": bench_timm}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`fgvr bench`: the numbers, their JSON, the table and bad settings."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from fgvr.engine.bench import StepTimer, peak_tflops
+from tests.conftest import TINY, fgvr
+
+QUICK = [*TINY, "bench.warmup=1", "bench.steps=3", "bench.eval_steps=2"]
+STEP_KEYS = {"data_wait", "forward", "select_crop", "backward", "optimizer", "model_step", "loop_step"}
+
+
+def test_bench_prints_a_table_and_writes_its_numbers(tmp_path):
+    proc = fgvr("bench", *QUICK, "selector=glsim", "head=aggregator", f"bench.out={tmp_path / 'b.json'}",
+                cwd=tmp_path)
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out == json.loads(next((tmp_path / "outputs" / "bench").glob("*/*/bench.json")).read_text())
+    for key in ("train_img_per_s", "model_train_img_per_s", "eval_img_per_s", "model_eval_img_per_s",
+                "data_img_per_s", "peak_mem_mb", "train_tflops"):
+        assert out[key] > 0, key
+    assert out["selector"] == "glsim" and out["head"] == "aggregator" and out["precision"] == "fp32"
+    assert set(out["step_ms"]) == STEP_KEYS and all(v >= 0 for v in out["step_ms"].values())
+    split = sum(out["step_ms"][k] for k in ("forward", "select_crop", "backward", "optimizer"))
+    assert split == pytest.approx(out["step_ms"]["model_step"], rel=0.01)
+    assert 0 < out["select_crop_pct"] < 100 and 0 <= out["data_wait_pct"] < 100
+    flops = out["gflops_per_image"]
+    assert flops["total"] > flops["first_pass"] + flops["second_pass"] - 1e-6  # two passes and the head
+    assert out["mfu_pct"] is None and out["peak_tflops"] is None  # no known peak on a CPU
+    assert "train, whole loop" in proc.stdout and "selector+crop" in proc.stdout and "MFU n/a" in proc.stdout
+
+
+def test_bench_of_a_plain_model_has_no_selection(tmp_path):
+    fgvr("bench", *QUICK, f"bench.out={tmp_path / 'b.json'}", "bench.peak_tflops=1.0", cwd=tmp_path)
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["selector"] == "none" and out["select_crop_pct"] is None and out["step_ms"]["select_crop"] == 0
+    assert out["mfu_pct"] == pytest.approx(100 * out["train_tflops"], rel=0.01)  # against the given peak
+
+
+@pytest.mark.parametrize("override,message", [
+    ("bench.steps=0", "bench.warmup, bench.steps and bench.eval_steps must be at least 1"),
+    ("trainer.devices=2", "trainer.devices: fgvr bench measures one process"),
+    ("bench.step=3", "bench.step: no such config key; valid keys under bench: eval_steps, out, peak_tflops,"),
+])
+def test_bad_bench_settings_are_one_line(tmp_path, override, message):
+    proc = fgvr("bench", *QUICK, override, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_step_timer_gives_the_median_of_each_phase():
+    timer = StepTimer(torch.device("cpu"))
+    for _ in range(3):
+        timer.start()
+        time.sleep(0.01)
+        timer.mark("a")
+        time.sleep(0.03)
+        timer.mark("b")
+    phases = timer.phases_ms()
+    assert list(phases) == ["a", "b"] and 10 <= phases["a"] < 25 and 30 <= phases["b"] < 45
+    quiet = StepTimer(torch.device("cpu"), enabled=False)
+    quiet.start()
+    quiet.mark("a")
+    assert quiet.phases_ms() == {}
+
+
+def test_peak_is_looked_up_by_gpu_name_and_precision(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    assert peak_tflops(torch.device("cpu"), None, None) is None and peak_tflops(torch.device("cpu"), None, 2.5) == 2.5
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops(gpu, torch.bfloat16, None) == 989.0 and peak_tflops(gpu, None, None) == 67.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_tflops(gpu, torch.bfloat16, None) == 756.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    assert peak_tflops(gpu, torch.bfloat16, None) is None
+
+
+@pytest.mark.slow
+def test_bench_reports_the_compile_time(tmp_path):
+    fgvr("bench", *QUICK, "trainer.compile=true", f"bench.out={tmp_path / 'b.json'}", cwd=tmp_path)
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["compile"] and out["compile_s"] > 0 and out["model_train_img_per_s"] > 0
+
+
+def test_flops_count_fused_attention_on_the_cpu():
+    """torch's counter knows only the CUDA attention kernels; ViT-B/16 at 224 is 17.6 GMACs with attention."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fgvr.engine.cost import ATTENTION_FLOPS
+
+    model = timm.create_model("vit_base_patch16_224", num_classes=0).eval()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        model(torch.zeros(1, 3, 224, 224))
+    assert counter.get_total_flops() / 2e9 == pytest.approx(17.56, abs=0.01)

@@ -7,6 +7,10 @@
         training img/s of a loop built from timm's own parts as its train.py builds them (timm's
         loader, PIL transforms and prefetcher, create_optimizer_v2, label-smoothing loss) vs
         `fgvr bench` and `fgvr train` with the same model, batch, precision (fp32) and workers
+    .venv/bin/python scripts/bench_baselines.py glsim [--reps 6] [overrides ...]
+        training steps of the plain model and of its GLSim twin (selector=glsim head=aggregator)
+        on one resident batch, interleaved so that a drifting machine slows both alike: the
+        throughput ratio against the ratio of their forward FLOPs
 
 Prints one JSON object per line of results."""
 
@@ -132,7 +136,7 @@ def bench_timm(args) -> None:
         print(json.dumps({"bench": "timm", "runner": "timm loop", "model": args.model, "size": args.size,
                           "batch": args.batch, "workers": args.workers, "img_per_s": round(timm_rate, 2)}))
 
-        common = [f"data=folder", f"data.root={root}", "backbone=vit_tiny", f"backbone.name={args.model}",
+        common = ["data=folder", f"data.root={root}", "backbone=vit_tiny", f"backbone.name={args.model}",
                   "backbone.pretrained=false", "backbone.drop_path_rate=0", f"data.img_size={args.size}",
                   f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", "trainer.precision=fp32",
                   "data.val_fraction=0", "trainer.label_smoothing=0.1", "optim.warmup_steps=0"]
@@ -153,6 +157,53 @@ def bench_timm(args) -> None:
                               "x_timm": round(results["train_img_per_s"] / timm_rate, 3)}))
 
 
+def bench_glsim(args) -> None:
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+
+    from fgvr.config import config_dir, register_schemas
+    from fgvr.engine.cost import stage_flops
+    from fgvr.engine.optim import build_optimizer
+    from fgvr.models.model import build_model
+
+    register_schemas()
+    models = {}
+    for name, extra in (("plain", []), ("glsim", ["selector=glsim", "head=aggregator"])):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=[*args.overrides, *extra])
+        torch.manual_seed(0)
+        model = build_model(cfg, 200)
+        models[name] = (model, build_optimizer(model, cfg.optim, torch.device("cpu"), cfg.optim.lr))
+    size, batch = cfg.data.img_size, cfg.data.batch_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    labels = torch.randint(0, 200, (batch,))
+
+    def step(model, optimizer) -> float:
+        start = time.perf_counter()
+        F.cross_entropy(model(images)[0], labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {name: [] for name in models}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for name, (model, optimizer) in models.items():
+            model.train()
+            seconds = step(model, optimizer)
+            if rep:
+                times[name].append(seconds)
+    flops = {name: stage_flops(model, images[:1])["total"] for name, (model, _) in models.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(json.dumps({"bench": "glsim", "overrides": args.overrides, "batch": batch, "size": size,
+                      "plain_img_per_s": round(batch / median["plain"], 2),
+                      "glsim_img_per_s": round(batch / median["glsim"], 2),
+                      "time_ratio": round(median["glsim"] / median["plain"], 3),
+                      "flop_ratio": round(flops["glsim"] / flops["plain"], 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -168,9 +219,13 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--train-epochs", type=int, default=3, help="also time `fgvr train` over this many epochs (0: no)")
+    g = sub.add_parser("glsim", help="GLSim's step time against the plain model's, and their FLOP ratio")
+    g.add_argument("--reps", type=int, default=6)
+    g.add_argument("overrides", nargs="*", default=["backbone=vit_tiny", "backbone.pretrained=false",
+                                                    "data.img_size=224", "data.batch_size=32"])
     args = parser.parse_args()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    {"data": bench_data, "timm": bench_timm}[args.what](args)
+    {"data": bench_data, "timm": bench_timm, "glsim": bench_glsim}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torch import nn
 from fgvr.data.dataset import DataWait, build_loaders
 from fgvr.engine import distributed
 from fgvr.engine.cost import measure_cost
-from fgvr.engine.optim import build_optimizer
+from fgvr.engine.optim import build_optimizer, optimizer_step
 from fgvr.engine.trainer import autocast_dtype, evaluate, peak_mem_mb, resolve_device, seed_everything, to_device
 from fgvr.errors import ConfigError
 from fgvr.models.model import build_model, source_scale
@@ -129,12 +129,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         timer.mark("forward")
         scaler.scale(loss).backward()
         timer.mark("backward")
-        if t.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, model, t.grad_clip)
         timer.mark("optimizer")
 
     def timed(fn, steps: int) -> float:
@@ -150,6 +145,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, num_classes, (bs,), device=device)
+    eval_images = images[torch.arange(cfg.data.eval_batch_size or 2 * bs, device=device) % bs]  # the loaders' batch
     out: dict = {
         "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
         "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs,
@@ -194,10 +190,10 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     def eval_step() -> None:
         with torch.no_grad(), autocast():
-            model(images)
+            model(eval_images)
 
     timed(eval_step, b.warmup)
-    out["model_eval_img_per_s"] = bs * b.eval_steps / timed(eval_step, b.eval_steps)
+    out["model_eval_img_per_s"] = len(eval_images) * b.eval_steps / timed(eval_step, b.eval_steps)
     evaluate(model, loaders.test, device, amp, b.warmup, channels_last)
     out["eval_img_per_s"] = evaluate(model, loaders.test, device, amp, b.eval_steps, channels_last)["img_per_s"]
 

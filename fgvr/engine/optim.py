@@ -39,6 +39,17 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float) -> t
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fast)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                   grad_clip: float | None) -> None:
+    """Clip the gradients' norm (if set), step through the AMP scaler, and clear the gradients."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> CosineLRScheduler:
     """Per-step linear warm-up from warmup_lr, then cosine to min_lr at the last step."""
     return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=cfg.min_lr,

@@ -35,7 +35,7 @@ from fgvr.data.dataset import DataWait, build_loaders
 from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
 from fgvr.engine.distributed import AnyRank, Dist
-from fgvr.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from fgvr.engine.optim import build_optimizer, build_scheduler, optimizer_step, scaled_lr
 from fgvr.engine.preemption import Interrupted, StopOnSignal
 from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
@@ -338,12 +338,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 skipped += batch.skipped
                 if not sync:
                     continue
-                if t.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scaler, model, t.grad_clip)
                 step += 1
                 position = (i + 1) * cfg.data.batch_size * dist.world_size
                 scheduler.step_update(step)

@@ -67,6 +67,7 @@ def test_learns_the_synthetic_set(train_run):
     ["trainer.precision=fp16"],  # with a GradScaler
     ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false"],
     ["data.val_fraction=0"],
+    ["data.cache=decoded", "data.num_workers=2"],  # images from the memory-mapped cache, in worker processes
     ["selector=rollout", "head=linear"],
     ["selector=center", "selector.crop_size=24", "selector.box_end=exclusive"],  # a smaller, cheaper crop pass
     ["selector=random", "selector.crop_source=original", "selector.crop_cls=shared"],

@@ -126,7 +126,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # e.g. 0.9998; evaluation then uses the EMA weights
     compile: bool = False  # torch.compile the model (both passes); the compile time is logged and in results
-    grad_checkpointing: bool = False  # recompute the backbone's blocks in backward: less memory (448 px), ~30 % slower
+    grad_checkpointing: bool = False  # recompute the backbone's blocks in backward: less memory, one more forward
     deterministic: bool = False
     eval_every: int = 1  # epochs between val evaluations
     log_every: int = 50  # steps between train log events

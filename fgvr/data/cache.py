@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from fgvr.data.image import load_image
 from fgvr.data.readers import Records
 from fgvr.errors import DataError
 
@@ -76,8 +77,6 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from fgvr.data.dataset import load_image
-
         try:
             image = load_image(self.paths[i])
         except DataError:

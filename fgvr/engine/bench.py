@@ -15,7 +15,6 @@ before its end; on the CPU the work is done when each call returns and the host 
 from __future__ import annotations
 
 import itertools
-import logging
 import statistics
 import time
 from collections import defaultdict
@@ -33,8 +32,6 @@ from fgvr.engine.trainer import autocast_dtype, evaluate, peak_mem_mb, resolve_d
 from fgvr.errors import ConfigError
 from fgvr.models.model import build_model, source_scale
 from fgvr.tracking.run import write_json
-
-log = logging.getLogger(__name__)
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without
 # TF32). Matched against torch.cuda.get_device_name in this order; bench.peak_tflops overrides.
@@ -148,7 +145,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     eval_images = images[torch.arange(cfg.data.eval_batch_size or 2 * bs, device=device) % bs]  # the loaders' batch
     out: dict = {
         "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
-        "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs,
+        "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs, "eval_batch_size": len(eval_images),
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
         "compile": t.compile, "grad_checkpointing": t.grad_checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -244,10 +241,12 @@ def format_table(r: dict) -> str:
         f"({r['threads']} threads, "
         f"{r['workers']} loader workers){' | compiled in %.1f s' % r['compile_s'] if r['compile_s'] else ''}",
         f"  {'':<24}{'img/s':>9}{'ms/batch':>10}",
-        *(f"  {name:<24}{rate:>9.1f}{1e3 * r['batch_size'] / rate:>10.1f}" for name, rate in (
-            ("train, whole loop", r["train_img_per_s"]), ("train, model alone", r["model_train_img_per_s"]),
-            ("eval, whole loop", r["eval_img_per_s"]), ("eval, model alone", r["model_eval_img_per_s"]),
-            ("data pipeline alone", r["data_img_per_s"]))),
+        *(f"  {name:<24}{rate:>9.1f}{1e3 * batch / rate:>10.1f}" for name, rate, batch in (
+            ("train, whole loop", r["train_img_per_s"], r["batch_size"]),
+            ("train, model alone", r["model_train_img_per_s"], r["batch_size"]),
+            ("eval, whole loop", r["eval_img_per_s"], r["eval_batch_size"]),
+            ("eval, model alone", r["model_eval_img_per_s"], r["eval_batch_size"]),
+            ("data pipeline alone", r["data_img_per_s"], r["batch_size"]))),
         f"  step (ms): data wait {s['data_wait']:.1f} | forward {s['forward']:.1f} | selector+crop "
         f"{s['select_crop']:.2f} | backward {s['backward']:.1f} | optimizer {s['optimizer']:.1f}"
         f"  (data wait {r['data_wait_pct']:.1f} % of the loop)",

@@ -15,22 +15,24 @@ STEP_KEYS = {"data_wait", "forward", "select_crop", "backward", "optimizer", "mo
 
 
 def test_bench_prints_a_table_and_writes_its_numbers(tmp_path):
-    proc = fgvr("bench", *QUICK, "selector=glsim", "head=aggregator", f"bench.out={tmp_path / 'b.json'}",
-                cwd=tmp_path)
-    out = json.loads((tmp_path / "b.json").read_text())
-    assert out == json.loads(next((tmp_path / "outputs" / "bench").glob("*/*/bench.json")).read_text())
+    """A sweep of two benches: each job's bench.json in its own dir, no training summary."""
+    proc = fgvr("bench", "--multirun", *QUICK, "selector=glsim,none", "head=aggregator", cwd=tmp_path)
+    glsim, plain = (json.loads(p.read_text()) for p in
+                    sorted((tmp_path / "outputs" / "bench" / "multirun").glob("*/*/*/bench.json")))
     for key in ("train_img_per_s", "model_train_img_per_s", "eval_img_per_s", "model_eval_img_per_s",
                 "data_img_per_s", "peak_mem_mb", "train_tflops"):
-        assert out[key] > 0, key
-    assert out["selector"] == "glsim" and out["head"] == "aggregator" and out["precision"] == "fp32"
-    assert set(out["step_ms"]) == STEP_KEYS and all(v >= 0 for v in out["step_ms"].values())
-    split = sum(out["step_ms"][k] for k in ("forward", "select_crop", "backward", "optimizer"))
-    assert split == pytest.approx(out["step_ms"]["model_step"], rel=0.01)
-    assert 0 < out["select_crop_pct"] < 100 and 0 <= out["data_wait_pct"] < 100
-    flops = out["gflops_per_image"]
+        assert glsim[key] > 0, key
+    assert glsim["selector"] == "glsim" and glsim["head"] == "aggregator" and glsim["precision"] == "fp32"
+    assert set(glsim["step_ms"]) == STEP_KEYS and all(v >= 0 for v in glsim["step_ms"].values())
+    split = sum(glsim["step_ms"][k] for k in ("forward", "select_crop", "backward", "optimizer"))
+    assert split == pytest.approx(glsim["step_ms"]["model_step"], rel=0.01)
+    assert 0 < glsim["select_crop_pct"] < 100 and 0 <= glsim["data_wait_pct"] < 100
+    flops = glsim["gflops_per_image"]
     assert flops["total"] > flops["first_pass"] + flops["second_pass"] - 1e-6  # two passes and the head
-    assert out["mfu_pct"] is None and out["peak_tflops"] is None  # no known peak on a CPU
-    assert "train, whole loop" in proc.stdout and "selector+crop" in proc.stdout and "MFU n/a" in proc.stdout
+    assert glsim["mfu_pct"] is None and glsim["peak_tflops"] is None  # no known peak on a CPU
+    assert plain["selector"] == "none" and plain["select_crop_pct"] is None and plain["step_ms"]["select_crop"] == 0
+    assert proc.stdout.count("train, whole loop") == 2 and "selector+crop" in proc.stdout and "MFU n/a" in proc.stdout
+    assert "no results" not in proc.stdout + proc.stderr
 
 
 @pytest.fixture
@@ -50,10 +52,9 @@ def compose_bench():
     register_schemas()
 
 
-def test_bench_of_a_plain_model_has_no_selection(compose_bench, tmp_path, capsys):
+def test_bench_out_and_a_given_peak(compose_bench, tmp_path, capsys):
     out = bench(compose_bench("bench.peak_tflops=1.0", f"bench.out={tmp_path / 'b.json'}"))
     assert out == json.loads((tmp_path / "b.json").read_text()) and "train, whole loop" in capsys.readouterr().out
-    assert out["selector"] == "none" and out["select_crop_pct"] is None and out["step_ms"]["select_crop"] == 0
     assert out["mfu_pct"] == pytest.approx(100 * out["train_tflops"], rel=0.01)  # against the given peak
 
 

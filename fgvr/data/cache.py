@@ -64,7 +64,8 @@ class DecodedImages:
             raise DataError(f"{path}: not decodable (found while building the decoded cache); remove it or set "
                             "data.skip_bad=true")
         side = images.shape[1]
-        return images[row], np.array([side / w, side / h], np.float32)
+        # A copy: the map is read-only, and augmentations may write into their input.
+        return np.array(images[row]), np.array([side / w, side / h], np.float32)
 
 
 class _Decode(Dataset):

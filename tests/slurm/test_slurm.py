@@ -60,15 +60,17 @@ def test_a_sweep_is_one_array_job_and_every_run_finishes(slurm, tmp_path):
 
 
 def test_a_run_over_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
-    """A 1-minute limit with the signal 50 s before it: the run saves at a step boundary, submitit
-    requeues it, and the requeued job continues from that checkpoint in the same run dir."""
-    out = sweep("seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=1",
-                "hydra.launcher.signal_delay_s=50", "hydra.launcher.max_num_timeout=5", "trainer.epochs=40",
-                "data.synth.train_per_class=100", "trainer.log_every=5", cwd=tmp_path, timeout=900)
+    """A 2-minute limit with the signal 50 s before it: the run saves at a step boundary, submitit
+    requeues it, and the requeued job continues from that checkpoint in the same run dir (as many
+    times as it takes). SLURM may send the signal up to 60 s early: with a 1-minute limit it came
+    0.35 s after the start once, before Python could install a handler, and killed the job."""
+    out = sweep("seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=2",
+                "hydra.launcher.signal_delay_s=50", "hydra.launcher.max_num_timeout=10", "trainer.epochs=100",
+                "data.synth.train_per_class=100", "trainer.log_every=5", cwd=tmp_path, timeout=1800)
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = tmp_path / "sweep" / "0"
     final = results(run_dir)
-    assert final["status"] == "finished" and final["epochs"] == 40
+    assert final["status"] == "finished" and final["epochs"] == 100
     events = read_events(run_dir / "metrics.jsonl")
     marks = [e for e in events if "event" in e]
     assert marks and marks[0]["event"] == "interrupted" and marks[0]["signal"] == "SIGUSR2"

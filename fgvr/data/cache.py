@@ -107,8 +107,13 @@ def decoded_cache(records: Records, side: int, cache_dir: str | Path, split: str
     path = root / f"{split}-{side}px-{cache_key(records.paths, side)}"
     if path.is_dir():
         return DecodedImages(path)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{path.name}.lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f"{path.name}.lock", "w")
+    except OSError as e:
+        raise DataError(f"{root}: cannot write the decoded cache there ({e.strerror}); set paths.cache_dir=<a "
+                        "writable folder> or data.cache=none") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then use its cache
         if not path.is_dir():
             _build(records.paths, side, path, workers, skip_bad)

@@ -71,3 +71,9 @@ def test_unreadable_image_fails_the_build_unless_skip_bad(cub_root, tmp_path):
                             pin_memory=False)
     skipped = sum(b.skipped for split in ("train", "val", "test") for b in batches(getattr(loaders, split)))
     assert skipped == 1
+
+
+def test_an_unwritable_cache_dir_is_one_line(cub_root, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write the decoded cache there .* or data.cache=none"):
+        build_loaders(cub_config(cub_root, DataCache.decoded), str(tmp_path / "file"), seed=0, pin_memory=False)

@@ -53,8 +53,9 @@ def compose_bench():
 
 
 def test_bench_out_and_a_given_peak(compose_bench, tmp_path, capsys):
-    out = bench(compose_bench("bench.peak_tflops=1.0", f"bench.out={tmp_path / 'b.json'}"))
-    assert out == json.loads((tmp_path / "b.json").read_text()) and "train, whole loop" in capsys.readouterr().out
+    out = bench(compose_bench("bench.peak_tflops=1.0", f"bench.out={tmp_path / 'new' / 'b.json'}"))
+    assert out == json.loads((tmp_path / "new" / "b.json").read_text())  # its folder made
+    assert "train, whole loop" in capsys.readouterr().out
     assert out["mfu_pct"] == pytest.approx(100 * out["train_tflops"], rel=0.01)  # against the given peak
 
 

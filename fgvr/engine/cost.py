@@ -26,7 +26,7 @@ ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
-    """Forward GFLOPs per image of each stage (matmuls and convolutions, as torch counts them)."""
+    """Forward GFLOPs per image of each stage (matmuls, convolutions and fused attention, as torch counts them)."""
 
     def count(fn: Callable):
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:

@@ -37,9 +37,6 @@ class DecodedImages:
         self.path, self.rows = path, rows
         self._images = self._sizes = None
 
-    def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self._open()[1])
-
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._images is None:
             self._images = np.load(self.path / "images.npy", mmap_mode="r")

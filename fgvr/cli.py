@@ -23,12 +23,13 @@ commands:
   viz     draw heat maps, boxes and crops for n images      e.g. fgvr viz ckpt=outputs/<date>/<run dir> n=16
   bench   time training and eval steps of a composed run   e.g. fgvr bench selector=glsim bench.out=bench.json
           (img/s of the whole loop and of the model alone, ms per step by phase, peak memory, MFU)
+  data    the benchmarks: list, download, check, stats      e.g. fgvr data download cub --root ~/data
 
 `fgvr <command> --help` lists the config groups and the composed config;
 `fgvr train --cfg job` prints the config without running.
 """
 
-COMMANDS = ("train", "eval", "viz", "bench")
+COMMANDS = ("train", "eval", "viz", "bench", "data")
 log = logging.getLogger("fgvr")
 
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fgvr: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (fgvr --help)", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if command == "data":
+        _report_user_errors("data", _data_command, rest)
+        return
     # Hydra then lets exceptions through instead of printing a trimmed traceback itself, so
     # that user errors can be reported here in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -159,6 +163,12 @@ def _bench_task(cfg) -> None:
         write_json(run.dir / "bench.json", bench(cfg, run.choices))
 
     _report_user_errors("bench", measure, cfg)
+
+
+def _data_command(argv: list[str]) -> None:
+    from fgvr.data.command import main as data_main
+
+    data_main(argv)
 
 
 def _report_user_errors(command: str, fn, cfg) -> None:

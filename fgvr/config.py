@@ -32,9 +32,12 @@ class Precision(Enum):
 
 class DataFormat(Enum):
     cub = "cub"  # also NABirds
+    cars = "cars"
+    aircraft = "aircraft"
     dogs = "dogs"
     flowers = "flowers"
     pets = "pets"
+    inat = "inat"
     folder = "folder"
     csv = "csv"
 
@@ -93,7 +96,11 @@ class DataConfig:
     num_workers: Optional[int] = None  # default: min(8, this process's share of the cores)
     val_fraction: float = 0.1
     skip_bad: bool = False
+    # Before training, compare the split sizes with the data set's official totals (fgvr/data/catalog.py),
+    # so that a wrong or half-extracted data.root fails in seconds; false to train on a subset.
+    check_counts: bool = True
     cache: DataCache = DataCache.none
+    level: Optional[str] = None  # the label level where a data set has several (aircraft: variant, family, manufacturer)
     train_csv: str = "train.csv"
     test_csv: str = "test.csv"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

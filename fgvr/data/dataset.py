@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fgvr.config import DataCache, DataConfig, DataFormat
 from fgvr.data.cache import DecodedImages, decoded_cache
+from fgvr.data.check import quick_check
 from fgvr.data.image import load_image
 from fgvr.data.readers import READERS, Records, Splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
@@ -167,7 +168,8 @@ def check_files(records: Records, split: str, skip_bad: bool) -> Records:
 
 
 def read_splits(cfg: DataConfig, cache_dir: str) -> Splits:
-    """Parse the data set's annotation files (generating the synthetic set on first use)."""
+    """Parse the data set's annotation files (generating the synthetic set on first use) and,
+    with data.check_counts, compare them with the official totals and decode a few images."""
     root = cfg.root
     if cfg.synth is not None and root is None:
         from fgvr.data.synth import generate, synth_root
@@ -179,9 +181,15 @@ def read_splits(cfg: DataConfig, cache_dir: str) -> Splits:
     if root is None:
         raise ConfigError(f"data.root is not set; pass data.root=/path/to/{cfg.name}")
     fmt = cfg.format.value if isinstance(cfg.format, DataFormat) else cfg.format
-    if fmt == "csv":
-        return READERS[fmt](root, cfg.train_csv, cfg.test_csv)
-    return READERS[fmt](root)
+    level = getattr(cfg, "level", None)  # configs of older runs have none
+    if level is not None and fmt != "aircraft":
+        raise ConfigError(f"data.level={level}: only data=aircraft has label levels; drop the override")
+    options = {"csv": dict(train_csv=cfg.train_csv, test_csv=cfg.test_csv),
+               "aircraft": dict(level=level or "variant")}.get(fmt, {})
+    splits = READERS[fmt](root, **options)
+    if getattr(cfg, "check_counts", True):
+        quick_check(cfg.name, str(root), splits, level, decode=not cfg.skip_bad)
+    return splits
 
 
 @dataclass

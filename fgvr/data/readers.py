@@ -1,19 +1,21 @@
 """Readers: one function per data set format, each returning the official splits as records.
 
 A reader only parses annotation files; it never opens images. Labels are 0-based and
-contiguous; boxes are (x1, y1, x2, y2) in the original image's pixels, NaN where unknown.
+contiguous; boxes are (x1, y1, x2, y2) in the original image's pixel coordinates (the left edge
+of the first pixel is 0; the 1-based inclusive boxes of the MATLAB-era files are converted),
+NaN where unknown.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fgvr.errors import DataError
+from fgvr.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -38,6 +40,9 @@ class Splits:
     train: Records
     test: Records
     classes: list[str]
+    # Where the data set has a taxonomy: each class's ancestors, nearest first
+    # (NABirds' hierarchy.txt, Aircraft's variant -> family -> manufacturer, iNat's supercategory).
+    hierarchy: dict[str, list[str]] = field(default_factory=dict)
 
 
 def make_records(paths: list[str], labels: list[int], boxes: list | None = None) -> Records:
@@ -61,9 +66,15 @@ def _table(path: Path, columns: int, hint: str) -> list[list[str]]:
     return rows
 
 
+def _vision_box(x1, y1, x2, y2) -> tuple[float, float, float, float]:
+    """A 1-based inclusive pixel box (Cars, Aircraft, PASCAL-VOC XML) as pixel coordinates."""
+    return float(x1) - 1, float(y1) - 1, float(x2), float(y2)
+
+
 def read_cub(root: str | Path) -> Splits:
     """CUB-200-2011 layout (NABirds uses it too): images.txt, image_class_labels.txt,
-    train_test_split.txt, classes.txt, bounding_boxes.txt (optional) and images/."""
+    train_test_split.txt, classes.txt, bounding_boxes.txt (optional) and images/.
+    NABirds' hierarchy.txt (`child_id parent_id`), where present, gives each class's ancestors."""
     root = Path(root)
     hint = f"data.root={root} must be a CUB-200-2011 folder (the one holding images.txt and images/)"
     if not root.is_dir():
@@ -92,7 +103,16 @@ def read_cub(root: str | Path) -> Splits:
         paths.append(str(root / "images" / rel))
         targets.append(to_index[labels[i]])
         part_boxes.append(boxes.get(i, nan_box))
-    return Splits(make_records(*split[True]), make_records(*split[False]), [names[c] for c in class_ids])
+    hierarchy = {}
+    if (root / "hierarchy.txt").is_file():
+        parent = {int(c): int(p) for c, p in _table(root / "hierarchy.txt", 2, hint)}
+        for c in class_ids:
+            chain, node = [], parent.get(c)
+            while node is not None and node in names and len(chain) < len(parent):
+                chain.append(names[node])
+                node = parent.get(node)
+            hierarchy[names[c]] = chain
+    return Splits(make_records(*split[True]), make_records(*split[False]), [names[c] for c in class_ids], hierarchy)
 
 
 def read_folder(root: str | Path) -> Splits:
@@ -159,7 +179,7 @@ def read_csv(root: str | Path, train_csv: str = "train.csv", test_csv: str = "te
     return Splits(records(*tables["train"]), records(*tables["test"]), classes)
 
 
-def _loadmat(path: Path, keys: tuple[str, ...], hint: str) -> dict:
+def _loadmat(path: Path, keys: tuple[str, ...], hint: str, **options) -> dict:
     """The named variables of a MATLAB file, with a one-line error if it or one of them is missing."""
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
@@ -167,7 +187,7 @@ def _loadmat(path: Path, keys: tuple[str, ...], hint: str) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: file not found; {hint}")
     try:
-        mat = loadmat(str(path))
+        mat = loadmat(str(path), **options)
     except (MatReadError, ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable .mat file ({e}); re-extract it") from None
     missing = [k for k in keys if k not in mat]
@@ -182,12 +202,12 @@ def _xml_box(path: Path) -> tuple[float, ...]:
 
     if not path.is_file():
         return (np.nan,) * 4
-    boxes = [[float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+    boxes = [[b.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
              for b in ET.parse(path).getroot().iter("bndbox")]
     if not boxes:
         return (np.nan,) * 4
-    b = np.array(boxes)
-    return (*b[:, :2].min(0), *b[:, 2:].max(0))
+    b = np.array(boxes, dtype=float)
+    return _vision_box(*b[:, :2].min(0), *b[:, 2:].max(0))
 
 
 def read_dogs(root: str | Path) -> Splits:
@@ -242,5 +262,107 @@ def read_pets(root: str | Path) -> Splits:
     return Splits(parts["trainval"], parts["test"], [names[k] for k in sorted(names)])
 
 
-READERS: dict[str, Callable[..., Splits]] = {"cub": read_cub, "folder": read_folder, "csv": read_csv,
-                                              "dogs": read_dogs, "flowers": read_flowers, "pets": read_pets}
+def read_cars(root: str | Path) -> Splits:
+    """Stanford Cars: cars_annos.mat (`annotations`: relative_im_path, bbox_x1..bbox_y2, 1-based
+    class, test flag; `class_names`) beside car_ims/."""
+    root = Path(root)
+    hint = f"data.root={root} must hold cars_annos.mat and car_ims/ (car_ims.tgz extracted)"
+    mat = _loadmat(root / "cars_annos.mat", ("annotations", "class_names"), hint, squeeze_me=True)
+    ann, classes = mat["annotations"], [str(c) for c in mat["class_names"]]
+    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
+    missing = [f for f in fields if f not in (ann.dtype.names or ())]
+    if missing:
+        raise DataError(f"{root / 'cars_annos.mat'}: annotations have no field {missing[0]!r}; {hint}")
+    labels = ann["class"].astype(np.int64) - 1
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise DataError(f"{root / 'cars_annos.mat'}: class ids outside 1..{len(classes)}")
+    boxes = np.stack([_vision_box(*b) for b in zip(*(ann[f].astype(float) for f in fields[1:5]))])
+    paths = np.array([str(root / p) for p in ann["relative_im_path"]])
+    is_test = ann["test"].astype(bool)
+    parts = [make_records(paths[m].tolist(), labels[m].tolist(), boxes[m]) for m in (~is_test, is_test)]
+    return Splits(*parts, classes)
+
+
+AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+
+
+def read_aircraft(root: str | Path, level: str = "variant") -> Splits:
+    """FGVC-Aircraft 2013b: data/images_<level>_{trainval,test}.txt (`image_id name`), the class
+    list data/<variants|families|manufacturers>.txt, data/images_box.txt (1-based `id x1 y1 x2 y2`)
+    and data/images/. Train is the official trainval, as the FGVC papers use it; `level` picks
+    the labels (variant: 100 classes, family, manufacturer) and the coarser levels become the
+    hierarchy. The images keep their 20-pixel copyright banner at the bottom."""
+    if level not in AIRCRAFT_LEVELS:
+        raise ConfigError(f"data.level={level}: choose one of {', '.join(AIRCRAFT_LEVELS)}")
+    root = Path(root)
+    data = root / "data"
+    hint = f"data.root={root} must be the fgvc-aircraft-2013b folder (the one holding data/images/)"
+    names_file = data / AIRCRAFT_LEVELS[level]
+    if not names_file.is_file():
+        raise DataError(f"{names_file}: file not found; {hint}")
+    classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    index = {c: k for k, c in enumerate(classes)}
+    boxes = {}
+    if (data / "images_box.txt").is_file():
+        boxes = {i: _vision_box(*xyxy[:4]) for i, *xyxy in _table(data / "images_box.txt", 5, hint)}
+    coarser = [lv for lv in list(AIRCRAFT_LEVELS)[list(AIRCRAFT_LEVELS).index(level) + 1:]
+               if (data / f"images_{lv}_trainval.txt").is_file()]
+    hierarchy: dict[str, list[str]] = {}
+    parts = {}
+    for part in ("trainval", "test"):
+        labels = dict(_table(data / f"images_{level}_{part}.txt", 2, hint))
+        unknown = next((n for n in labels.values() if n not in index), None)
+        if unknown is not None:
+            raise DataError(f"{data / f'images_{level}_{part}.txt'}: {unknown!r} is not in {names_file}")
+        ancestors = [dict(_table(data / f"images_{lv}_{part}.txt", 2, hint)) for lv in coarser]
+        for i, name in labels.items():
+            hierarchy.setdefault(name, [a.get(i, "") for a in ancestors])
+        parts[part] = make_records([str(data / "images" / f"{i}.jpg") for i in labels],
+                                   [index[n] for n in labels.values()],
+                                   [boxes.get(i, (np.nan,) * 4) for i in labels])
+    return Splits(parts["trainval"], parts["test"], classes, hierarchy if coarser else {})
+
+
+def _json(path: Path, hint: str):
+    import json
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; {hint}")
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-extract it") from None
+
+
+def read_inat(root: str | Path) -> Splits:
+    """iNaturalist 2017: train2017.json and val2017.json (COCO style: images with file_name
+    relative to root, annotations with image_id and category_id, categories with name and
+    supercategory) beside train_val_images/. The test split is the official val: the test
+    labels were never released."""
+    root = Path(root)
+    hint = f"data.root={root} must hold train2017.json, val2017.json (train_val2017.zip) and train_val_images/"
+    parts, categories = {}, {}
+    for part in ("train", "val"):
+        path = root / f"{part}2017.json"
+        doc = _json(path, hint)
+        try:
+            label = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+            files = [(im["file_name"], label[im["id"]]) for im in doc["images"]]
+            categories |= {c["id"]: (c["name"], c.get("supercategory")) for c in doc["categories"]}
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}: not an iNat2017 annotation file (missing {e}); {hint}") from None
+        parts[part] = files
+    ids = sorted(categories)
+    index = {c: k for k, c in enumerate(ids)}
+
+    def records(files: list[tuple[str, int]]) -> Records:
+        return make_records([str(root / f) for f, _ in files], [index[c] for _, c in files])
+
+    classes = [categories[c][0] for c in ids]
+    hierarchy = {name: [sup] for name, sup in categories.values() if sup}
+    return Splits(records(parts["train"]), records(parts["val"]), classes, hierarchy)
+
+
+READERS: dict[str, Callable[..., Splits]] = {
+    "cub": read_cub, "cars": read_cars, "aircraft": read_aircraft, "dogs": read_dogs, "flowers": read_flowers,
+    "pets": read_pets, "inat": read_inat, "folder": read_folder, "csv": read_csv}

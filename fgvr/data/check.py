@@ -1,0 +1,179 @@
+"""`fgvr data check`: is a data set complete and readable? And the cheap part `fgvr train` runs.
+
+The cheap part (`quick_check`) parses the annotation files, compares the split sizes with the
+official totals and decodes a few images: a wrong or half-extracted data.root fails in seconds.
+The full check (`check`) opens every image: missing, unreadable and truncated files are
+problems; grayscale, CMYK, RGBA, palette or 16-bit images, and files whose contents are not
+the format their name says, are reported as notes (the loader converts every mode to RGB).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fgvr.data.catalog import BENCHMARKS, Benchmark
+from fgvr.data.image import load_image
+from fgvr.data.readers import Splits
+from fgvr.errors import DataError
+
+SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF",
+                  ".tiff": "TIFF"}
+
+
+def count_problems(bench: Benchmark, splits: Splits, level: str | None = None) -> list[str]:
+    """How the splits differ from the data set's official totals ([] if they match)."""
+    problems = [f"{found} {split} images where the official {split} split has {expected}"
+                for split, found, expected in (("train", len(splits.train), bench.train),
+                                               ("test", len(splits.test), bench.test)) if found != expected]
+    classes = bench.num_classes(level)
+    if len(splits.classes) != classes:
+        problems.append(f"{len(splits.classes)} classes, not {classes}")
+    for split in ("train", "test"):
+        present = np.bincount(getattr(splits, split).labels, minlength=len(splits.classes)) > 0
+        if not present.all():
+            absent = np.flatnonzero(~present)
+            problems.append(f"{len(absent)} classes without a {split} image (e.g. {splits.classes[absent[0]]!r})")
+    return problems
+
+
+def quick_check(name: str, root: str, splits: Splits, level: str | None = None, decode: bool = True,
+                sample: int = 8) -> None:
+    """What `fgvr train` checks before it starts: the official totals (where `name` is a known
+    benchmark) and, with `decode`, that a few train images spread over the split decode."""
+    bench = BENCHMARKS.get(name)
+    if bench is not None:
+        problems = count_problems(bench, splits, level)
+        if problems:
+            raise DataError(f"data.root={root}: {'; '.join(problems)} ({bench.title}); point data.root at the "
+                            f"complete data set (fgvr data check {name} --root DIR says what is wrong), or set "
+                            "data.check_counts=false to use these")
+    paths = splits.train.paths if decode else splits.train.paths[:0]
+    for path in paths[np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)]:
+        if os.path.isfile(path):  # a missing file is check_files' to report, with data.skip_bad
+            load_image(path)
+
+
+@dataclass
+class ImageInfo:
+    problem: str  # "" when the file is fine, else missing, unreadable, truncated or undecodable
+    mode: str  # PIL's mode: RGB, L, CMYK, RGBA, P, I;16, ...
+    format: str  # the format of the contents: JPEG, PNG, ...
+    width: int
+    height: int
+
+
+def inspect_image(path: str, decode: bool = True) -> ImageInfo:
+    """The image's header (PIL, without decoding) and, with `decode`, whether it decodes in full."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            info = ImageInfo("", im.mode, im.format or "?", *im.size)
+    except FileNotFoundError:
+        return ImageInfo("missing", "", "", 0, 0)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return ImageInfo("unreadable", "", "", 0, 0)
+    if decode:
+        try:
+            load_image(path)
+        except DataError as e:
+            info.problem = "truncated" if "truncated" in str(e) else "undecodable"
+    return info
+
+
+def _inspect_decoded(path: str) -> ImageInfo:
+    return inspect_image(path, decode=True)
+
+
+def _inspect_header(path: str) -> ImageInfo:
+    return inspect_image(path, decode=False)
+
+
+def scan_images(paths: list[str], decode: bool, workers: int | None = None, progress: bool = False) -> list[ImageInfo]:
+    """inspect_image over many files, in worker processes."""
+    from rich.progress import track
+
+    workers = workers or os.cpu_count() or 1
+    fn = _inspect_decoded if decode else _inspect_header
+    chunk = max(1, min(256, len(paths) // (8 * workers) or 1))
+    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 64 else _Serial() as pool:
+        results = pool.map(fn, paths, chunksize=chunk)
+        if progress:
+            results = track(results, total=len(paths), description="reading images", transient=True)
+        return list(results)
+
+
+class _Serial:
+    """A stand-in for the process pool when there is too little work for one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+@dataclass
+class Report:
+    name: str
+    root: str
+    counts: dict[str, int]  # images per split
+    classes: int
+    problems: list[str] = field(default_factory=list)  # each makes the data set unusable as it is
+    notes: list[str] = field(default_factory=list)  # worth knowing, handled by the loader
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [f"{self.name} at {self.root}: {self.classes} classes, "
+                 + ", ".join(f"{n} {split}" for split, n in self.counts.items()) + " images"]
+        lines += [f"  problem: {p}" for p in self.problems] + [f"  note: {n}" for n in self.notes]
+        lines.append("ok" if self.ok else f"{len(self.problems)} problem{'s' * (len(self.problems) > 1)} found")
+        return "\n".join(lines)
+
+
+def check(name: str, root: str, splits: Splits, level: str | None = None, workers: int | None = None,
+          progress: bool = False) -> Report:
+    """Counts against the official totals, then every image opened and decoded."""
+    report = Report(name, root, {"train": len(splits.train), "test": len(splits.test)}, len(splits.classes))
+    bench = BENCHMARKS.get(name)
+    if bench is not None:
+        report.problems += count_problems(bench, splits, level)
+    else:
+        report.notes.append(f"{name} has no official totals to compare with")
+    paths = np.concatenate([splits.train.paths, splits.test.paths]).tolist()
+    infos = scan_images(paths, decode=True, workers=workers, progress=progress)
+    kinds: dict[str, list[str]] = {}
+    modes: Counter = Counter()
+    misnamed: list[str] = []
+    for path, info in zip(paths, infos):
+        if info.problem:
+            kinds.setdefault(info.problem, []).append(path)
+            continue
+        modes[info.mode] += 1
+        expected = SUFFIX_FORMATS.get(Path(path).suffix.lower())
+        if expected and info.format != expected:
+            misnamed.append(f"{path} ({info.format})")
+    for kind, bad in kinds.items():
+        report.problems.append(f"{len(bad)} {kind} image{'s' * (len(bad) > 1)}, e.g. {bad[0]}")
+    duplicates = len(paths) - len(set(paths))
+    if duplicates:
+        report.problems.append(f"{duplicates} images listed more than once")
+    odd = {m: n for m, n in modes.items() if m != "RGB"}
+    if odd:
+        example = {m: next(p for p, i in zip(paths, infos) if i.mode == m and not i.problem) for m in odd}
+        report.notes += [f"{n} {m} images (converted to RGB when loaded), e.g. {example[m]}" for m, n in odd.items()]
+    if misnamed:
+        report.notes.append(f"{len(misnamed)} images whose contents are not what their name says, e.g. {misnamed[0]}")
+    return report

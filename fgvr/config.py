@@ -100,7 +100,7 @@ class DataConfig:
     # so that a wrong or half-extracted data.root fails in seconds; false to train on a subset.
     check_counts: bool = True
     cache: DataCache = DataCache.none
-    level: Optional[str] = None  # the label level where a data set has several (aircraft: variant, family, manufacturer)
+    level: Optional[str] = None  # which labels, where a data set has levels (aircraft: variant, family, manufacturer)
     train_csv: str = "train.csv"
     test_csv: str = "test.csv"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

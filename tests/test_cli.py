@@ -42,8 +42,9 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, vit_b16, vit_micro, vit_tiny"),
-    ("data=imagenet", "data=imagenet: no such option; choose one of csv, cub, dogs, flowers, folder, nabirds, pets,"),
-    ("+experiment=nope", "+experiment=nope: no such option; choose one of cub"),
+    ("data=imagenet", "data=imagenet: no such option; choose one of aircraft, cars, csv, cub, dogs, flowers, folder, "
+                      "inat2017, nabirds, pets,"),
+    ("+experiment=nope", "+experiment=nope: no such option; choose one of aircraft, aircraft_vit, cars"),
     ("trainer.epoch=3", "trainer.epoch: no such config key; valid keys under trainer: accum_steps,"),
     ("foo=1", "foo: no such config key; valid keys: backbone, data,"),
     ("trainer.epochs=abc", "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
@@ -112,7 +113,8 @@ def test_cub_experiment_is_the_reference_recipe(compose):
     assert cfg.selector.box_end == "inclusive" and cfg.head._target_.endswith("AggregatorHead")
 
 
-@pytest.mark.parametrize("dataset,top_k", [("cub", 8), ("dogs", 16), ("nabirds", 8), ("flowers", 8), ("pets", 8)])
+@pytest.mark.parametrize("dataset,top_k", [("cub", 8), ("dogs", 16), ("nabirds", 8), ("flowers", 8), ("pets", 8),
+                                           ("cars", 8), ("aircraft", 8), ("inat2017", 8)])
 def test_each_dataset_has_a_glsim_and_a_plain_vit_experiment_with_one_recipe(compose, dataset, top_k):
     from omegaconf import OmegaConf
 
@@ -142,17 +144,18 @@ def test_gabor_experiments(compose):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
     """Each experiment file with its backbone swapped for a tiny one, on a CUB-layout fixture."""
-    fgvr("train", f"+experiment={experiment}", f"data.root={cub_root}", "data=cub", *TINY[:4],
-         "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0",
-         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    fgvr("train", f"+experiment={experiment}", f"data.root={cub_root}", "data=cub", "data.check_counts=false",
+         *TINY[:4], "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1",
+         "optim.warmup_steps=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert '"status": "finished"' in (tmp_path / "run" / "results.json").read_text()
 
 
 def test_seed_sweep_script(tmp_path, cub_root):
     script = REPO / "scripts" / "seed_sweep.sh"
     env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}"}
-    proc = subprocess.run([str(script), "cub", str(cub_root), *TINY[:4], "backbone.pretrained=false",
-                           "trainer.epochs=1", "trainer.limit_train_batches=1", "optim.warmup_steps=0"],
+    proc = subprocess.run([str(script), "cub", str(cub_root), *TINY[:4], "data.check_counts=false",
+                           "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1",
+                           "optim.warmup_steps=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("20*/*_cub")

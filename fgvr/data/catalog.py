@@ -63,7 +63,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
         manual="Stanford no longer serves Stanford Cars (http://ai.stanford.edu/~jkrause/car196/ is gone): get "
                "car_ims.tgz and cars_annos.mat from a copy you trust; the checksums tell whether it is the original."),
     Benchmark("aircraft", "FGVC-Aircraft 2013b", 100, 6667, 3333, "fgvc-aircraft-2013b", boxes=True,
-              level_classes={"variant": 100, "family": 70, "manufacturer": 30}, archives=(
+              level_classes={"family": 70, "manufacturer": 30}, archives=(
         # Two sha256s are in circulation for this archive (tensorflow-datasets' and the one of the
         # file served today); either is accepted.
         Archive(f"{_VGG}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",

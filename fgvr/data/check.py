@@ -28,12 +28,12 @@ SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP",
 
 def count_problems(bench: Benchmark, splits: Splits, level: str | None = None) -> list[str]:
     """How the splits differ from the data set's official totals ([] if they match)."""
-    problems = [f"{found} {split} images where the official {split} split has {expected}"
-                for split, found, expected in (("train", len(splits.train), bench.train),
-                                               ("test", len(splits.test), bench.test)) if found != expected]
-    classes = bench.num_classes(level)
-    if len(splits.classes) != classes:
-        problems.append(f"{len(splits.classes)} classes, not {classes}")
+    found = (len(splits.train), len(splits.test), len(splits.classes))
+    official = (bench.train, bench.test, bench.num_classes(level))
+    problems = []
+    if found != official:
+        problems.append("{} train / {} test images in {} classes".format(*found)
+                        + ", not {}'s {} / {} in {}".format(bench.title, *official))
     for split in ("train", "test"):
         present = np.bincount(getattr(splits, split).labels, minlength=len(splits.classes)) > 0
         if not present.all():
@@ -50,9 +50,9 @@ def quick_check(name: str, root: str, splits: Splits, level: str | None = None, 
     if bench is not None:
         problems = count_problems(bench, splits, level)
         if problems:
-            raise DataError(f"data.root={root}: {'; '.join(problems)} ({bench.title}); point data.root at the "
-                            f"complete data set (fgvr data check {name} --root DIR says what is wrong), or set "
-                            "data.check_counts=false to use these")
+            raise DataError(f"data.root={root}: {'; '.join(problems)}; point data.root at the complete data set "
+                            f"(fgvr data check {name} --root DIR says what is wrong) or set data.check_counts=false "
+                            "to train on these")
     paths = splits.train.paths if decode else splits.train.paths[:0]
     for path in paths[np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)]:
         if os.path.isfile(path):  # a missing file is check_files' to report, with data.skip_bad
@@ -97,6 +97,9 @@ def _inspect_header(path: str) -> ImageInfo:
 
 def scan_images(paths: list[str], decode: bool, workers: int | None = None, progress: bool = False) -> list[ImageInfo]:
     """inspect_image over many files, in worker processes."""
+    import sys
+
+    from rich.console import Console
     from rich.progress import track
 
     workers = workers or os.cpu_count() or 1
@@ -104,8 +107,9 @@ def scan_images(paths: list[str], decode: bool, workers: int | None = None, prog
     chunk = max(1, min(256, len(paths) // (8 * workers) or 1))
     with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 64 else _Serial() as pool:
         results = pool.map(fn, paths, chunksize=chunk)
-        if progress:
-            results = track(results, total=len(paths), description="reading images", transient=True)
+        if progress and sys.stderr.isatty():
+            results = track(results, total=len(paths), description="reading images", transient=True,
+                            console=Console(stderr=True))
         return list(results)
 
 

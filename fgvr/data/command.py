@@ -35,13 +35,15 @@ def main(argv: list[str]) -> None:
         p.add_argument("--root", help="data.root (the folder `fgvr data download` printed)")
         p.add_argument("--workers", type=int, default=None, help="processes reading images (default: all cores)")
         p.add_argument("--json", type=Path, help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides may come after the options too
+    if extra and (args.action not in ("check", "stats") or any("=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.action == "list":
         print(listing())
     elif args.action == "download":
         download(args.name, args.root, args.remove_archives)
     else:
-        cfg = data_config(args.name, args.root, args.overrides)
+        cfg = data_config(args.name, args.root, args.overrides + extra)
         run = {"check": check, "stats": stats}[args.action]
         result, ok = run(cfg, args.workers)
         if args.json:

@@ -54,7 +54,8 @@ def stats(name: str, splits: Splits, workers: int | None = None, progress: bool 
 def format_stats(s: dict) -> str:
     head = f"{s['name']}: {s['classes']} classes"
     if "hierarchy" in s:
-        head += f"; above them {len(s['hierarchy'])} levels of the hierarchy with {', '.join(map(str, s['hierarchy']))} nodes"
+        nodes = ", ".join(map(str, s["hierarchy"]))
+        head += f"; above them {len(s['hierarchy'])} levels of the hierarchy with {nodes} nodes"
     lines = [head]
     rows = [("images per class", "per_class", "{:.0f}"), ("width (px)", "width", "{:.0f}"),
             ("height (px)", "height", "{:.0f}"), ("aspect (w/h)", "aspect", "{:.2f}"),

@@ -14,7 +14,7 @@ from fgvr.errors import DataError
 
 def cub_config(root, cache: DataCache, **kwargs) -> DataConfig:
     return DataConfig(name="cub", format=DataFormat.cub, root=str(root), img_size=24, resize_ratio=1.25, batch_size=4,
-                      num_workers=0, val_fraction=0.25, cache=cache,
+                      num_workers=0, val_fraction=0.25, cache=cache, check_counts=False,
                       augment=AugmentConfig(hflip=True, trivial_augment=True, random_erasing=0.3), **kwargs)
 
 

@@ -88,8 +88,8 @@ def test_augmentation_depends_on_seed_epoch_index_not_on_worker(tmp_path):
 
 
 def test_build_loaders_on_cub_layout(cub_root):
-    cfg = DataConfig(name="cub", format=DataFormat.cub, root=str(cub_root), img_size=24, batch_size=4,
-                     num_workers=0, val_fraction=0.25)
+    cfg = DataConfig(name="cub", format=DataFormat.cub, root=str(cub_root), check_counts=False, img_size=24,
+                     batch_size=4, num_workers=0, val_fraction=0.25)
     loaders = build_loaders(cfg, "unused", seed=0, pin_memory=False)
     assert len(loaders.train.dataset) + len(loaders.val.dataset) == 12 and len(loaders.test.dataset) == 6
     images, labels, boxes, skipped = next(iter(loaders.train))

@@ -3,9 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgvr.data.readers import read_csv, read_cub, read_dogs, read_flowers, read_folder, read_pets
-from fgvr.errors import DataError
+from fgvr.data.catalog import BENCHMARKS
+from fgvr.data.readers import read_csv, read_cub, read_folder
+from fgvr.errors import ConfigError, DataError
 from tests.conftest import write_cub
+from tests.data.miniatures import WRITERS, H, W
 
 
 def test_cub_reads_official_layout(cub_root):
@@ -96,81 +98,124 @@ def test_csv_reader_bad_header(tmp_path):
         read_csv(tmp_path)
 
 
-def _jpeg(path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(path)
-
-
-def test_nabirds_keeps_only_leaf_classes_with_sparse_ids(tmp_path):
-    """NABirds' layout is CUB's, with UUID image ids and a classes.txt that also lists the
-    hierarchy's inner nodes (never used as a label): only the used classes become labels."""
-    root = tmp_path / "nabirds"
-    ids = ["0a1b-1", "0a1b-2", "0a1b-3", "0a1b-4"]
-    for i in ids:
-        _jpeg(root / "images" / f"{i}.jpg")
-    (root / "images.txt").write_text("".join(f"{i} {i}.jpg\n" for i in ids))
-    (root / "image_class_labels.txt").write_text("0a1b-1 295\n0a1b-2 817\n0a1b-3 295\n0a1b-4 817\n")
-    (root / "train_test_split.txt").write_text("0a1b-1 1\n0a1b-2 1\n0a1b-3 0\n0a1b-4 0\n")
-    (root / "classes.txt").write_text("0 Birds\n1 Perching Birds\n295 Forster's Tern\n817 Wood Duck (Male)\n")
-    splits = read_cub(root)
-    assert splits.classes == ["Forster's Tern", "Wood Duck (Male)"] and splits.train.labels.tolist() == [0, 1]
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_every_benchmark_reader_reads_its_miniature(tmp_path, name):
+    """Through the data set's own config, as `fgvr train data=NAME data.root=...` reads it."""
+    root, expected = WRITERS[name](tmp_path / name)
+    splits = read(name, root)
+    assert splits.classes == expected.classes and splits.hierarchy == expected.hierarchy
+    assert (len(splits.train), len(splits.test)) == (expected.train, expected.test)
+    for records in (splits.train, splits.test):
+        assert set(records.labels.tolist()) == set(range(len(expected.classes)))  # 0-based, contiguous
+        assert all(Path(p).is_file() for p in records.paths)
+        if expected.boxes:  # inside the image, in pixel coordinates
+            assert np.isfinite(records.boxes).all()
+            assert (records.boxes[:, :2] >= 0).all() and (records.boxes[:, 2:] <= (W, H)).all()
+            assert (records.boxes[:, 2:] > records.boxes[:, :2]).all()
+        else:
+            assert np.isnan(records.boxes).all()
 
 
-def test_dogs_reads_the_mat_lists_and_xml_boxes(tmp_path):
+def test_every_benchmark_has_a_config_a_miniature_and_a_download_entry():
+    from fgvr.config import config_dir
+
+    configs = {p.stem for p in (config_dir() / "data").glob("*.yaml")}
+    assert set(BENCHMARKS) == set(WRITERS) and set(BENCHMARKS) <= configs
+    for bench in BENCHMARKS.values():
+        assert bench.archives and all(a.checksums and a.name for a in bench.archives), bench.name
+        assert all(a.url or bench.manual for a in bench.archives), f"{bench.name}: no URL and no manual step"
+
+
+def read(name: str, root: Path, *overrides: str):
+    from fgvr.data.command import data_config
+    from fgvr.data.dataset import read_splits
+
+    return read_splits(data_config(name, str(root), list(overrides)), str(root.parent))
+
+
+def test_cars_boxes_are_converted_from_1_based_pixels(tmp_path):
+    root, _ = WRITERS["cars"](tmp_path / "cars")
+    splits = read("cars", root)
+    np.testing.assert_allclose(splits.train.boxes[0], [4, 6, 44, 38])  # x1=5 .. x2=44 inclusive, 1-based
+    assert splits.test.labels.tolist() == [2, 0, 1, 2]  # the `test` flag picks the split
+    assert Path(splits.train.paths[0]).name == "000001.jpg"
+
+
+def test_cars_annotations_without_a_field_name_it(tmp_path):
     from scipy.io import savemat
 
-    root = tmp_path / "dogs"
-    root.mkdir()
-    files = {"train": ["n02085620-Chihuahua/n02085620_1.jpg", "n02085782-Japanese_spaniel/n02085782_2.jpg"],
-             "test": ["n02085620-Chihuahua/n02085620_3.jpg"]}
-    for part, names in files.items():
-        cells = np.empty((len(names), 1), dtype=object)
-        for k, n in enumerate(names):
-            cells[k, 0] = np.array([n])
-        labels = [[1 if "Chihuahua" in n else 2] for n in names]
-        savemat(root / f"{part}_list.mat", {"file_list": cells, "labels": np.array(labels, np.uint8)})
-        for n in names:
-            _jpeg(root / "Images" / n)
-    xml = ("<annotation><object><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>10</xmax><ymax>12</ymax></bndbox></object>"
-           "<object><bndbox><xmin>5</xmin><ymin>1</ymin><xmax>20</xmax><ymax>9</ymax></bndbox></object></annotation>")
-    (root / "Annotation" / "n02085620-Chihuahua").mkdir(parents=True)
-    (root / "Annotation" / "n02085620-Chihuahua" / "n02085620_1").write_text(xml)
-    splits = read_dogs(root)
-    assert splits.classes == ["n02085620-Chihuahua", "n02085782-Japanese_spaniel"]
-    assert splits.train.labels.tolist() == [0, 1] and splits.test.labels.tolist() == [0]
-    np.testing.assert_allclose(splits.train.boxes[0], [2, 1, 20, 12])  # the union of both dogs
-    assert np.isnan(splits.train.boxes[1]).all() and Path(splits.test.paths[0]).is_file()
+    savemat(tmp_path / "cars_annos.mat", {"annotations": np.zeros((1, 2), dtype=[("relative_im_path", object)]),
+                                          "class_names": np.array([["a"]], dtype=object)})
+    with pytest.raises(DataError, match="cars_annos.mat: annotations have no field 'bbox_x1'"):
+        read("cars", tmp_path)
+
+
+def test_aircraft_label_levels(tmp_path):
+    root, _ = WRITERS["aircraft"](tmp_path / "fgvc-aircraft-2013b")
+    family = read("aircraft", root, "level=family")
+    assert family.classes == ["Boeing 707", "Cessna 172", "F-16", "Boeing 727"]
+    assert family.hierarchy == {"Boeing 707": ["Boeing"], "Cessna 172": ["Cessna"], "F-16": ["General Dynamics"],
+                                "Boeing 727": ["Boeing"]}
+    maker = read("aircraft", root, "level=manufacturer")
+    assert maker.classes == ["Boeing", "Cessna", "General Dynamics"] and maker.hierarchy == {}
+    assert maker.train.labels.tolist() == [0, 0, 1, 1, 2, 2, 0, 0]  # both Boeing variants are Boeing
+    np.testing.assert_allclose(family.train.boxes[0], [2, 4, 46, 30])
+    with pytest.raises(ConfigError, match="data.level=model: choose one of variant, family, manufacturer"):
+        read("aircraft", root, "level=model")
+    with pytest.raises(ConfigError, match="data.level=family: only data=aircraft has label levels"):
+        read("cub", root, "level=family")
+
+
+def test_aircraft_name_not_in_the_class_list(tmp_path):
+    root, _ = WRITERS["aircraft"](tmp_path / "fgvc-aircraft-2013b")
+    with (root / "data" / "images_variant_test.txt").open("a") as f:
+        f.write("9999999 747-400\n")
+    with pytest.raises(DataError, match="images_variant_test.txt: '747-400' is not in .*variants.txt"):
+        read("aircraft", root)
+
+
+def test_nabirds_keeps_only_leaf_classes_and_their_ancestors(tmp_path):
+    """classes.txt also lists the hierarchy's inner nodes (never a label) and the ids are sparse."""
+    root, _ = WRITERS["nabirds"](tmp_path / "nabirds")
+    splits = read("nabirds", root)
+    assert splits.classes == ["Forster's Tern", "Common Tern", "Wood Duck (Male)"]  # ids 295, 313, 817
+    assert splits.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    (root / "hierarchy.txt").unlink()
+    assert read("nabirds", root).hierarchy == {}
+
+
+def test_dogs_boxes_are_the_union_of_the_dogs(tmp_path):
+    root, _ = WRITERS["dogs"](tmp_path / "dogs")
+    np.testing.assert_allclose(read("dogs", root).train.boxes[0], [2, 1, 40, 30])  # 1-based VOC boxes
+    (root / "Annotation" / "n02085620-Chihuahua" / "n02085620_100").unlink()
+    assert np.isnan(read("dogs", root).train.boxes[0]).all()  # an image without its annotation file
     (root / "test_list.mat").write_bytes(b"junk")
     with pytest.raises(DataError, match="test_list.mat: not a readable .mat file"):
-        read_dogs(root)
+        read("dogs", root)
 
 
 def test_flowers_trains_on_train_plus_val(tmp_path):
-    from scipy.io import savemat
-
-    root = tmp_path / "flowers"
-    root.mkdir()
-    for i in range(1, 7):
-        _jpeg(root / "jpg" / f"image_{i:05d}.jpg")
-    savemat(root / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 2, 3, 3]])})
-    savemat(root / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[5]]), "tstid": np.array([[3, 4, 6]])})
-    splits = read_flowers(root)
-    assert splits.classes == ["001", "002", "003"]
-    assert [Path(p).name for p in splits.train.paths] == ["image_00001.jpg", "image_00002.jpg", "image_00005.jpg"]
-    assert splits.train.labels.tolist() == [0, 1, 2] and splits.test.labels.tolist() == [0, 1, 2]
+    root, _ = WRITERS["flowers"](tmp_path / "flowers")
+    splits = read("flowers", root)
+    assert [Path(p).name for p in splits.train.paths] == [f"image_{i:05d}.jpg" for i in range(7, 13)]
     with pytest.raises(DataError, match="nowhere/imagelabels.mat: file not found"):
-        read_flowers(tmp_path / "nowhere")
+        read("flowers", tmp_path / "nowhere")
 
 
-def test_pets_reads_trainval_and_test_lists(tmp_path):
-    root = tmp_path / "pets"
-    (root / "annotations").mkdir(parents=True)
-    (root / "annotations" / "trainval.txt").write_text(
-        "#Image CLASS-ID SPECIES BREED ID\nAbyssinian_100 1 1 1\namerican_bulldog_10 2 2 1\n")
-    (root / "annotations" / "test.txt").write_text("Abyssinian_1 1 1 1\nstaffordshire_bull_terrier_2 3 2 35\n")
-    splits = read_pets(root)
-    assert splits.classes == ["Abyssinian", "american_bulldog", "staffordshire_bull_terrier"]
-    assert splits.train.labels.tolist() == [0, 1] and splits.test.labels.tolist() == [0, 2]
-    assert splits.train.paths[0].endswith("images/Abyssinian_100.jpg")
+def test_pets_class_names_come_from_the_image_names(tmp_path):
+    root, _ = WRITERS["pets"](tmp_path / "pets")
+    splits = read("pets", root)
+    assert splits.classes == ["Abyssinian", "american_bulldog", "Bengal"]
+    assert splits.train.paths[0].endswith("images/Abyssinian_1.jpg")
+
+
+def test_inat_tests_on_val_and_names_a_broken_json(tmp_path):
+    root, _ = WRITERS["inat2017"](tmp_path / "inat2017")
+    splits = read("inat2017", root)
+    assert all("/train_val_images/" in p for p in splits.test.paths) and len(splits.test) == 6
+    (root / "val2017.json").write_text('{"images": []}')
+    with pytest.raises(DataError, match="val2017.json: not an iNat2017 annotation file"):
+        read("inat2017", root)
+    (root / "val2017.json").write_text("{not json")
+    with pytest.raises(DataError, match="val2017.json: not valid JSON"):
+        read("inat2017", root)

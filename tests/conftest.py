@@ -62,8 +62,8 @@ def train_run(compose, tmp_path):
     from fgvr.tracking.run import RunInfo
 
     def _train(*overrides: str, run_dir: Path | None = None, choices: dict | None = None):
-        base = TINY if "data=cub" not in overrides else \
-            [o for o in TINY if not o.startswith("data.synth.")] + ["data.check_counts=false"]  # a miniature
+        on_files = any(o.startswith("data=") and o != "data=synth" for o in overrides)  # a miniature benchmark
+        base = [o for o in TINY if not o.startswith("data.synth.")] + ["data.check_counts=false"] if on_files else TINY
         cfg = compose(*base, *overrides)
         run = RunInfo(run_dir or tmp_path / "run", "test", choices=choices or {})
         run.dir.mkdir(parents=True, exist_ok=True)

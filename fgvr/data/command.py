@@ -96,7 +96,7 @@ def _cache_dir() -> str:
 
 
 def _splits(cfg):
-    from fgvr.data.dataset import read_splits
+    from fgvr.data.readers import read_splits
 
     return read_splits(cfg, _cache_dir())
 

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fgvr.config import DataCache, DataConfig, DataFormat
+from fgvr.config import DataCache, DataConfig
 from fgvr.data.cache import DecodedImages, decoded_cache
 from fgvr.data.check import quick_check
 from fgvr.data.image import load_image
-from fgvr.data.readers import READERS, Records, Splits
+from fgvr.data.readers import Records, read_splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
 from fgvr.engine.distributed import cpus_per_process
 from fgvr.engine.preemption import protect_worker
-from fgvr.errors import ConfigError, DataError
+from fgvr.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -167,31 +167,6 @@ def check_files(records: Records, split: str, skip_bad: bool) -> Records:
     return records.subset(np.flatnonzero(exists))
 
 
-def read_splits(cfg: DataConfig, cache_dir: str) -> Splits:
-    """Parse the data set's annotation files (generating the synthetic set on first use) and,
-    with data.check_counts, compare them with the official totals and decode a few images."""
-    root = cfg.root
-    if cfg.synth is not None and root is None:
-        from fgvr.data.synth import generate, synth_root
-
-        root = synth_root(cache_dir, cfg.synth)
-        if not (root / "images.txt").is_file():
-            log.info("generating the synthetic data set in %s (once)", root)
-        generate(root, cfg.synth)
-    if root is None:
-        raise ConfigError(f"data.root is not set; pass data.root=/path/to/{cfg.name}")
-    fmt = cfg.format.value if isinstance(cfg.format, DataFormat) else cfg.format
-    level = getattr(cfg, "level", None)  # configs of older runs have none
-    if level is not None and fmt != "aircraft":
-        raise ConfigError(f"data.level={level}: only data=aircraft has label levels; drop the override")
-    options = {"csv": dict(train_csv=cfg.train_csv, test_csv=cfg.test_csv),
-               "aircraft": dict(level=level or "variant")}.get(fmt, {})
-    splits = READERS[fmt](root, **options)
-    if getattr(cfg, "check_counts", True):
-        quick_check(cfg.name, str(root), splits, level, decode=not cfg.skip_bad)
-    return splits
-
-
 @dataclass
 class Loaders:
     train: DataLoader
@@ -207,6 +182,8 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
     With data.cache=decoded the images come from a decoded cache of each official split (built
     on first use)."""
     splits = read_splits(cfg, cache_dir)
+    if getattr(cfg, "check_counts", True):  # configs of older runs have none
+        quick_check(cfg.name, cfg.root, splits, getattr(cfg, "level", None), decode=not cfg.skip_bad)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
     parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}

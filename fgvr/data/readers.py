@@ -3,12 +3,13 @@
 A reader only parses annotation files; it never opens images. Labels are 0-based and
 contiguous; boxes are (x1, y1, x2, y2) in the original image's pixel coordinates (the left edge
 of the first pixel is 0; the 1-based inclusive boxes of the MATLAB-era files are converted),
-NaN where unknown.
+NaN where unknown. `read_splits` picks the reader a data config names.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ from typing import Callable
 import numpy as np
 
 from fgvr.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -366,3 +369,25 @@ def read_inat(root: str | Path) -> Splits:
 READERS: dict[str, Callable[..., Splits]] = {
     "cub": read_cub, "cars": read_cars, "aircraft": read_aircraft, "dogs": read_dogs, "flowers": read_flowers,
     "pets": read_pets, "inat": read_inat, "folder": read_folder, "csv": read_csv}
+
+
+def read_splits(cfg, cache_dir: str) -> Splits:
+    """The official splits of the data set a data config names (the synthetic one is generated
+    on first use)."""
+    root = cfg.root
+    if cfg.synth is not None and root is None:
+        from fgvr.data.synth import generate, synth_root
+
+        root = synth_root(cache_dir, cfg.synth)
+        if not (root / "images.txt").is_file():
+            log.info("generating the synthetic data set in %s (once)", root)
+        generate(root, cfg.synth)
+    if root is None:
+        raise ConfigError(f"data.root is not set; pass data.root=/path/to/{cfg.name}")
+    fmt = getattr(cfg.format, "value", cfg.format)  # the DataFormat enum, or its name
+    level = getattr(cfg, "level", None)  # configs of older runs have none
+    if level is not None and fmt != "aircraft":
+        raise ConfigError(f"data.level={level}: only data=aircraft has label levels; drop the override")
+    options = {"csv": dict(train_csv=cfg.train_csv, test_csv=cfg.test_csv),
+               "aircraft": dict(level=level or "variant")}.get(fmt, {})
+    return READERS[fmt](root, **options)

@@ -128,7 +128,7 @@ def test_every_benchmark_has_a_config_a_miniature_and_a_download_entry():
 
 def read(name: str, root: Path, *overrides: str):
     from fgvr.data.command import data_config
-    from fgvr.data.dataset import read_splits
+    from fgvr.data.readers import read_splits
 
     return read_splits(data_config(name, str(root), list(overrides)), str(root.parent))
 
@@ -219,3 +219,13 @@ def test_inat_tests_on_val_and_names_a_broken_json(tmp_path):
     (root / "val2017.json").write_text("{not json")
     with pytest.raises(DataError, match="val2017.json: not valid JSON"):
         read("inat2017", root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_training_runs_on_every_miniature(tmp_path, train_run, name):
+    """`fgvr train data=NAME data.root=...`: each benchmark's config, reader and loaders end to end."""
+    root, expected = WRITERS[name](tmp_path / name)
+    results, run_dir = train_run(f"data={name}", f"data.root={root}", "data.batch_size=4", "data.val_fraction=0",
+                                 "trainer.epochs=1", run_dir=tmp_path / "run")
+    assert results["status"] == "finished" and results["num_classes"] == len(expected.classes)

@@ -123,6 +123,8 @@ def test_list_shows_every_benchmark(capsys):
     assert data("list") == 0
     out = capsys.readouterr().out
     assert all(name in out for name in catalog.BENCHMARKS) and "579184" in out
+    assert data("--help") == 0 and "fgvr data download NAME --root DIR" in capsys.readouterr().out
+    assert data("check") == 2 and "required: name" in capsys.readouterr().err
 
 
 def test_train_refuses_a_root_that_is_not_the_whole_data_set(tmp_path):

@@ -87,6 +87,8 @@ def data_config(name: str, root: str | None, overrides: list[str]):
         raise ConfigError(f"data.{getattr(e, 'full_key', '') or '?'}: {str(e).splitlines()[0]}") from None
     if root is not None:
         cfg.root = str(Path(root).expanduser().resolve())
+    elif cfg.root is None and cfg.synth is None:
+        raise ConfigError(f"{name}: pass --root DIR, the data set's folder")
     cfg.check_counts = False  # this command reports what a check would fail on, rather than failing
     return cfg
 

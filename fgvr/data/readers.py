@@ -69,9 +69,11 @@ def _table(path: Path, columns: int, hint: str) -> list[list[str]]:
     return rows
 
 
-def _vision_box(x1, y1, x2, y2) -> tuple[float, float, float, float]:
-    """A 1-based inclusive pixel box (Cars, Aircraft, PASCAL-VOC XML) as pixel coordinates."""
-    return float(x1) - 1, float(y1) - 1, float(x2), float(y2)
+def _vision_box(x1, y1, x2, y2) -> tuple[np.ndarray, ...]:
+    """1-based inclusive pixel boxes (Cars, Aircraft, PASCAL-VOC XML; numbers, numeric strings or
+    arrays of them) as pixel coordinates."""
+    x1, y1, x2, y2 = (np.asarray(v, dtype=float) for v in (x1, y1, x2, y2))
+    return x1 - 1, y1 - 1, x2, y2
 
 
 def read_cub(root: str | Path) -> Splits:
@@ -111,7 +113,7 @@ def read_cub(root: str | Path) -> Splits:
         parent = {int(c): int(p) for c, p in _table(root / "hierarchy.txt", 2, hint)}
         for c in class_ids:
             chain, node = [], parent.get(c)
-            while node is not None and node in names and len(chain) < len(parent):
+            while node in names and names[node] not in chain:  # up to the root (a cycle would end it too)
                 chain.append(names[node])
                 node = parent.get(node)
             hierarchy[names[c]] = chain
@@ -279,7 +281,7 @@ def read_cars(root: str | Path) -> Splits:
     labels = ann["class"].astype(np.int64) - 1
     if labels.min() < 0 or labels.max() >= len(classes):
         raise DataError(f"{root / 'cars_annos.mat'}: class ids outside 1..{len(classes)}")
-    boxes = np.stack([_vision_box(*b) for b in zip(*(ann[f].astype(float) for f in fields[1:5]))])
+    boxes = np.stack(_vision_box(*(ann[f].astype(float) for f in fields[1:5])), axis=1)
     paths = np.array([str(root / p) for p in ann["relative_im_path"]])
     is_test = ann["test"].astype(bool)
     parts = [make_records(paths[m].tolist(), labels[m].tolist(), boxes[m]) for m in (~is_test, is_test)]

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
                      "trainer.devices", "trainer.compile", "trainer.grad_checkpointing",
                      "trainer.limit_eval_batches", "data.root", "data.num_workers", "data.eval_batch_size",
-                     "data.cache", "logger", "resume", "paths", "name")
+                     "data.cache", "data.check_counts", "logger", "resume", "paths", "name")
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -9,7 +9,7 @@ import pytest
 from fgvr.cli import main
 from fgvr.data import catalog
 from fgvr.errors import DataError
-from tests.conftest import TINY, fgvr, write_cub
+from tests.conftest import write_cub
 from tests.data.miniatures import WRITERS, write_image
 
 
@@ -127,13 +127,20 @@ def test_list_shows_every_benchmark(capsys):
     assert data("check") == 2 and "required: name" in capsys.readouterr().err
 
 
-def test_train_refuses_a_root_that_is_not_the_whole_data_set(tmp_path):
-    """The cheap check: before any model is built, in one line that says how to go on."""
+def test_train_refuses_a_root_that_is_not_the_whole_data_set(tmp_path, compose):
+    """The cheap check, in the loaders `fgvr train`, `eval` and `bench` build before any model."""
+    from fgvr.data.dataset import build_loaders
+
     root = write_cub(tmp_path / "CUB_200_2011")
-    proc = fgvr("train", "data=cub", f"data.root={root}", *TINY[:4], cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert ("12 train / 6 test images in 3 classes, not CUB-200-2011's 5994 / 5794 in 200" in proc.stderr
-            and "data.check_counts=false" in proc.stderr and "fgvr data check cub" in proc.stderr)
+    cfg = compose("data=cub", f"data.root={root}", "data.num_workers=0").data
+    message = (f"data.root={root}: 12 train / 6 test images in 3 classes, not CUB-200-2011's 5994 / 5794 in 200; "
+               "point data.root at the complete data set (fgvr data check cub --root DIR says what is wrong) or set "
+               "data.check_counts=false to train on these")
+    with pytest.raises(DataError) as e:
+        build_loaders(cfg, str(tmp_path), seed=0, pin_memory=False)
+    assert str(e.value) == message
+    cfg.check_counts = False
+    assert len(build_loaders(cfg, str(tmp_path), seed=0, pin_memory=False).test.dataset) == 6
 
 
 def test_quick_check_decodes_a_few_images(tmp_path):

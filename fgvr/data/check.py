@@ -10,9 +10,11 @@ the format their name says, are reported as notes (the loader converts every mod
 from __future__ import annotations
 
 import os
-from collections import Counter
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,9 @@ def quick_check(name: str, root: str, splits: Splits, level: str | None = None, 
             raise DataError(f"data.root={root}: {'; '.join(problems)}; point data.root at the complete data set "
                             f"(fgvr data check {name} --root DIR says what is wrong) or set data.check_counts=false "
                             "to train on these")
-    paths = splits.train.paths if decode else splits.train.paths[:0]
+    if not decode:
+        return
+    paths = splits.train.paths
     for path in paths[np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)]:
         if os.path.isfile(path):  # a missing file is check_files' to report, with data.skip_bad
             load_image(path)
@@ -87,43 +91,21 @@ def inspect_image(path: str, decode: bool = True) -> ImageInfo:
     return info
 
 
-def _inspect_decoded(path: str) -> ImageInfo:
-    return inspect_image(path, decode=True)
-
-
-def _inspect_header(path: str) -> ImageInfo:
-    return inspect_image(path, decode=False)
-
-
 def scan_images(paths: list[str], decode: bool, workers: int | None = None, progress: bool = False) -> list[ImageInfo]:
     """inspect_image over many files, in worker processes."""
-    import sys
-
     from rich.console import Console
     from rich.progress import track
 
     workers = workers or os.cpu_count() or 1
-    fn = _inspect_decoded if decode else _inspect_header
-    chunk = max(1, min(256, len(paths) // (8 * workers) or 1))
-    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 64 else _Serial() as pool:
-        results = pool.map(fn, paths, chunksize=chunk)
+    inspect = partial(inspect_image, decode=decode)
+    parallel = workers > 1 and len(paths) > 64
+    with ProcessPoolExecutor(workers) if parallel else nullcontext() as pool:
+        chunk = max(1, min(256, len(paths) // (8 * workers)))
+        results = pool.map(inspect, paths, chunksize=chunk) if parallel else map(inspect, paths)
         if progress and sys.stderr.isatty():
             results = track(results, total=len(paths), description="reading images", transient=True,
                             console=Console(stderr=True))
         return list(results)
-
-
-class _Serial:
-    """A stand-in for the process pool when there is too little work for one."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 @dataclass
@@ -158,26 +140,23 @@ def check(name: str, root: str, splits: Splits, level: str | None = None, worker
         report.notes.append(f"{name} has no official totals to compare with")
     paths = np.concatenate([splits.train.paths, splits.test.paths]).tolist()
     infos = scan_images(paths, decode=True, workers=workers, progress=progress)
-    kinds: dict[str, list[str]] = {}
-    modes: Counter = Counter()
+    bad: dict[str, list[str]] = {}  # problem -> paths
+    modes: dict[str, list[str]] = {}  # mode -> paths
     misnamed: list[str] = []
     for path, info in zip(paths, infos):
         if info.problem:
-            kinds.setdefault(info.problem, []).append(path)
+            bad.setdefault(info.problem, []).append(path)
             continue
-        modes[info.mode] += 1
+        modes.setdefault(info.mode, []).append(path)
         expected = SUFFIX_FORMATS.get(Path(path).suffix.lower())
         if expected and info.format != expected:
             misnamed.append(f"{path} ({info.format})")
-    for kind, bad in kinds.items():
-        report.problems.append(f"{len(bad)} {kind} image{'s' * (len(bad) > 1)}, e.g. {bad[0]}")
+    report.problems += [f"{len(p)} {kind} image{'s' * (len(p) > 1)}, e.g. {p[0]}" for kind, p in bad.items()]
     duplicates = len(paths) - len(set(paths))
     if duplicates:
         report.problems.append(f"{duplicates} images listed more than once")
-    odd = {m: n for m, n in modes.items() if m != "RGB"}
-    if odd:
-        example = {m: next(p for p, i in zip(paths, infos) if i.mode == m and not i.problem) for m in odd}
-        report.notes += [f"{n} {m} images (converted to RGB when loaded), e.g. {example[m]}" for m, n in odd.items()]
+    report.notes += [f"{len(p)} {mode} images (converted to RGB when loaded), e.g. {p[0]}"
+                     for mode, p in modes.items() if mode != "RGB"]
     if misnamed:
         report.notes.append(f"{len(misnamed)} images whose contents are not what their name says, e.g. {misnamed[0]}")
     return report

@@ -42,7 +42,7 @@ def stats(name: str, splits: Splits, workers: int | None = None, progress: bool 
             "unreadable": int((~ok).sum()),
             "per_class": _spread(per_class) | {"imbalance": round(float(per_class.max() / max(per_class.min(), 1)), 2)},
             "width": _spread(size[ok, 0]), "height": _spread(size[ok, 1]),
-            "aspect": _spread(size[ok, 0] / size[ok, 1]) if ok.any() else {},
+            "aspect": _spread(size[ok, 0] / size[ok, 1]),
             "with_box": int(has_box.sum()),
             "box_area_fraction": _spread(area),
             "box_width_fraction": _spread(box_wh[:, 0] / size[has_box, 0]),

@@ -9,7 +9,7 @@ import pytest
 from fgvr.cli import main
 from fgvr.data import catalog
 from fgvr.errors import DataError
-from tests.conftest import write_cub
+from tests.conftest import fgvr, write_cub
 from tests.data.miniatures import WRITERS, write_image
 
 
@@ -117,6 +117,15 @@ def test_stats_shows_the_hierarchy(tmp_path, capsys):
     root, _ = WRITERS["nabirds"](tmp_path / "nabirds")
     assert data("stats", "nabirds", "--root", root, "--workers", 1) == 0
     assert "nabirds: 3 classes; above them 3 levels of the hierarchy with 2, 1, 1 nodes" in capsys.readouterr().out
+
+
+def test_the_data_command_of_the_console_script(tmp_path):
+    proc = fgvr("data", "list", cwd=tmp_path)
+    assert proc.stdout.splitlines()[0].split() == ["name", "data", "set", "classes", "train", "test", "boxes",
+                                                  "download"]
+    proc = fgvr("data", "check", "cub", "--root", str(tmp_path / "nope"), cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("fgvr data: error: data.root=") and \
+        "no such folder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_list_shows_every_benchmark(capsys):

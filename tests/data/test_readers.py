@@ -121,9 +121,14 @@ def test_every_benchmark_has_a_config_a_miniature_and_a_download_entry():
 
     configs = {p.stem for p in (config_dir() / "data").glob("*.yaml")}
     assert set(BENCHMARKS) == set(WRITERS) and set(BENCHMARKS) <= configs
+    digits = {"md5": 32, "sha256": 64}
     for bench in BENCHMARKS.values():
-        assert bench.archives and all(a.checksums and a.name for a in bench.archives), bench.name
-        assert all(a.url or bench.manual for a in bench.archives), f"{bench.name}: no URL and no manual step"
+        assert bench.archives and bench.folder, bench.name
+        for a in bench.archives:
+            assert a.url or bench.manual, f"{bench.name}: no URL and no manual step"
+            assert a.url is None or (a.url.startswith(("http://", "https://")) and a.url.endswith(a.name))
+            assert a.checksums and all(len(h) == digits[algo] and int(h, 16) >= 0
+                                       for algo, h in (c.split(":") for c in a.checksums)), a
 
 
 def read(name: str, root: Path, *overrides: str):

@@ -24,12 +24,13 @@ commands:
   bench   time training and eval steps of a composed run   e.g. fgvr bench selector=glsim bench.out=bench.json
           (img/s of the whole loop and of the model alone, ms per step by phase, peak memory, MFU)
   data    the benchmarks: list, download, check, stats      e.g. fgvr data download cub --root ~/data
+  table   mean ± std over seeds from run dirs or sweeps     e.g. fgvr table outputs/multirun/2026-11-22/10-00-00
 
 `fgvr <command> --help` lists the config groups and the composed config;
 `fgvr train --cfg job` prints the config without running.
 """
 
-COMMANDS = ("train", "eval", "viz", "bench", "data")
+COMMANDS = ("train", "eval", "viz", "bench", "data", "table")
 log = logging.getLogger("fgvr")
 
 
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fgvr: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (fgvr --help)", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if command == "data":
-        _report_user_errors("data", _data_command, rest)
+    if command in ("data", "table"):  # plain commands, no Hydra run
+        _report_user_errors(command, _plain_command(command), rest)
         return
     # Hydra then lets exceptions through instead of printing a trimmed traceback itself, so
     # that user errors can be reported here in one line.
@@ -165,10 +166,12 @@ def _bench_task(cfg) -> None:
     _report_user_errors("bench", measure, cfg)
 
 
-def _data_command(argv: list[str]) -> None:
-    from fgvr.data.command import main as data_main
-
-    data_main(argv)
+def _plain_command(command: str):
+    if command == "data":
+        from fgvr.data.command import main
+    else:
+        from fgvr.tracking.table import main
+    return main
 
 
 def _report_user_errors(command: str, fn, cfg) -> None:

@@ -1,0 +1,368 @@
+"""`fgvr table`: a paper's result table (rows = methods, columns = data sets, cells = mean +- std
+of a metric over seeds) regenerated from the run dirs alone.
+
+Every source of runs produces the same `Record` (the run's flat config and results.json), so the
+table maths (`build_table`) and the formats never depend on where the runs came from.
+
+Runs are averaged only when they differ in nothing but the seed and keys that cannot change a
+result (where the data lives, logging, workers, compilation): a key that varies otherwise is
+added to the row label, and the table says which keys those were. Runs that failed, are still
+running or lack the metric are listed under the table, never averaged in or dropped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fgvr.errors import ConfigError, DataError
+
+# Config keys (and prefixes) that never change a run's result.
+NEUTRAL = ("seed", "name", "paths", "logger", "resume", "hydra", "data.root", "data.num_workers",
+           "data.eval_batch_size", "data.cache", "data.check_counts", "trainer.device", "trainer.log_every",
+           "trainer.eval_every", "trainer.limit_eval_batches", "trainer.compile", "trainer.grad_checkpointing")
+# The config choices results.json records, in the order they label a row.
+CHOICES = ("dataset", "backbone_config", "selector", "texture", "head")
+FORMATS = ("md", "csv", "latex", "json")
+
+
+@dataclass
+class Record:
+    source: str  # where the run is: its run dir
+    status: str  # finished, failed, interrupted, or "running" (no results.json yet)
+    config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
+    results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
+
+    def get(self, key: str) -> Any:
+        """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
+        return self.results[key] if key in self.results else self.config.get(key)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "results.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def run_dirs(paths: list[str]) -> list[Path]:
+    """Run dirs named by `paths`: run dirs, sweep dirs (searched below) and glob patterns."""
+    found: list[Path] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(Path(m).exists() for m in matches):
+            raise DataError(f"{pattern}: no such run dir or sweep dir")
+        for match in map(Path, matches):
+            if _is_run_dir(match):
+                found.append(match)
+                continue
+            for root, dirs, _ in os.walk(match):
+                dirs.sort(key=lambda d: (len(d), d))  # job 2 before job 10
+                if _is_run_dir(Path(root)):
+                    found.append(Path(root))
+                    dirs.clear()  # a run dir holds no other run
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def read_run_dir(path: Path) -> Record:
+    from omegaconf import OmegaConf
+
+    config_file = path / ".hydra" / "config.yaml"
+    config = flatten(OmegaConf.to_container(OmegaConf.load(config_file))) if config_file.is_file() else {}
+    try:
+        results = json.loads((path / "results.json").read_text())
+    except FileNotFoundError:
+        return Record(str(path), "running", config, {})
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path / 'results.json'}: not valid JSON ({e})") from None
+    return Record(str(path), results.get("status", "running"), config, flatten(results))
+
+
+@dataclass
+class Cell:
+    """mean, sample standard deviation (None for one run) and number of runs."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Cell":
+        """statistics' exact sums: equal values give a std of exactly 0, and no rounding noise."""
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+@dataclass
+class Reference:
+    """A published number for the method and data set of a cell."""
+
+    method: str
+    mean: float
+    std: float
+    delta: float  # the cell's mean minus the published one
+
+
+def paper_results() -> dict:
+    """The published tables (fgvr/tracking/paper_results.json, with their source)."""
+    return json.loads(Path(__file__).with_name("paper_results.json").read_text())
+
+
+@dataclass
+class Table:
+    metric: str
+    row_keys: list[str]  # the --rows keys, then the keys that varied within a method
+    col_keys: list[str]
+    rows: list[tuple]  # row labels: one value per row key
+    cols: list[tuple]
+    cells: dict[tuple[tuple, tuple], Cell]
+    extras: dict[str, dict[tuple, Cell]]  # extra column -> row -> Cell over the row's runs
+    varied: list[str]  # keys that differed between runs of one cell, so they split rows
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (run dir, why)
+    reference: dict[tuple[tuple, tuple], Reference] = field(default_factory=dict)
+    reference_source: str = ""
+
+    def best(self, col: tuple) -> tuple | None:
+        """The row with the highest mean in a column."""
+        scored = [(self.cells[(r, col)].mean, r) for r in self.rows if (r, col) in self.cells]
+        return max(scored)[1] if scored else None
+
+
+def _value_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def decode(label: tuple[str, ...]) -> tuple:
+    return tuple(json.loads(v) for v in label)
+
+
+def build_table(records: list[Record], rows: list[str], cols: list[str], metric: str = "test_acc",
+                extras: tuple[str, ...] = (), reference: dict | None = None) -> Table:
+    """`reference` (paper_results()): beside each cell whose runs all match a published method
+    (its "match" keys) the published number for the cell's data set."""
+    left_out, used = [], []
+    for r in records:
+        if r.status != "finished":
+            left_out.append((r.source, r.status if r.status != "failed" else
+                             f"failed: {r.results.get('error', 'see its train.log')}"))
+        elif not isinstance(r.get(metric), (int, float)):
+            left_out.append((r.source, f"finished without {metric}"))
+        else:
+            used.append(r)
+
+    def cells_of(row_keys: list[str]) -> dict[tuple[tuple, tuple], list[Record]]:
+        cells: dict[tuple[tuple, tuple], list[Record]] = {}
+        for r in used:
+            key = (tuple(_value_key(r.get(k)) for k in row_keys), tuple(_value_key(r.get(k)) for k in cols))
+            cells.setdefault(key, []).append(r)
+        return cells
+
+    def varying(cells: dict, keys) -> list[str]:
+        """The keys among `keys` whose value differs between two runs of one cell."""
+        return sorted({k for runs in cells.values() for k in keys(runs)
+                       if k not in rows and k not in cols and not any(k == p or k.startswith(p + ".") for p in NEUTRAL)
+                       and len({_value_key(r.get(k)) for r in runs}) > 1})
+
+    # Runs that would share a cell but differ in more than the seed are kept apart: first by the
+    # config choices results.json names (selector, head, backbone_config, ...), then by any config
+    # key that still differs.
+    choices = varying(cells_of(rows), lambda runs: CHOICES)
+    varied_config = varying(cells_of(rows + choices), lambda runs: {k for r in runs for k in r.config})
+    varied = choices + varied_config
+    row_keys = rows + varied
+    grouped = cells_of(row_keys)
+    row_labels = list(dict.fromkeys(k[0] for k in grouped))  # in the order the runs come (a sweep's job order)
+    col_labels = list(dict.fromkeys(k[1] for k in grouped))
+    table_cells = {(decode(r), decode(c)): Cell.of([float(x.get(metric)) for x in runs])
+                   for (r, c), runs in grouped.items()}
+    extra_cells: dict[str, dict[tuple, Cell]] = {}
+    for key in extras:
+        per_row: dict[tuple, list[float]] = {}
+        for (r, _), runs in grouped.items():
+            per_row.setdefault(decode(r), []).extend(float(x.get(key)) for x in runs
+                                                     if isinstance(x.get(key), (int, float)))
+        extra_cells[key] = {r: Cell.of(v) for r, v in per_row.items() if v}
+    published: dict[tuple[tuple, tuple], Reference] = {}
+    if reference is not None and reference.get("metric") == metric:
+        for (r, c), runs in grouped.items():
+            for method, entry in reference["methods"].items():
+                matches = entry["match"] and all(x.get(k) == v for x in runs for k, v in entry["match"].items())
+                result = entry["results"].get(runs[0].get("dataset")) if matches else None
+                if result is not None:
+                    cell = table_cells[(decode(r), decode(c))]
+                    published[(decode(r), decode(c))] = Reference(method, *result, delta=cell.mean - result[0])
+    return Table(metric, row_keys, cols, [decode(r) for r in row_labels], [decode(c) for c in col_labels],
+                 table_cells, extra_cells, varied, left_out, published,
+                 reference["source"] if reference is not None else "")
+
+
+def _label(values: tuple) -> str:
+    return " / ".join("-" if v is None else str(v) for v in values)
+
+
+def _number(cell: Cell | None, digits: int, pm: str = " ± ") -> str:
+    if cell is None:
+        return ""
+    text = f"{cell.mean:.{digits}f}"
+    if cell.std is not None:
+        text += f"{pm}{cell.std:.{digits}f}"
+    return f"{text} ({cell.n})"
+
+
+def _body(table: Table, digits: int, pm: str, bold, published) -> list[list[str]]:
+    """The text of every row: label, cells (the best of a column through `bold`, a published
+    number through `published`), extras."""
+    lines = []
+    for row in table.rows:
+        cells = [_label(row)]
+        for col in table.cols:
+            text = _number(table.cells.get((row, col)), digits, pm)
+            if text and len(table.rows) > 1 and table.best(col) == row:
+                text = bold(text)
+            if (row, col) in table.reference:
+                text += published(table.reference[(row, col)])
+            cells.append(text)
+        lines.append(cells + [_number(table.extras[k].get(row), digits, pm) for k in table.extras])
+    return lines
+
+
+def _header(table: Table) -> list[str]:
+    return [" / ".join(table.row_keys)] + [_label(c) for c in table.cols] + list(table.extras)
+
+
+def _notes(table: Table) -> list[str]:
+    notes = [f"cells: {table.metric}, mean ± sample std (runs) over seeds"]
+    if table.varied:
+        notes.append(f"kept apart because they varied between runs of one cell: {', '.join(table.varied)}")
+    if table.reference_source:
+        notes.append(f"paper: {table.reference_source}; delta = ours - paper")
+    if table.left_out:
+        notes.append(f"not in the table ({len(table.left_out)} runs):")
+        notes += [f"  {why}: {source}" for source, why in table.left_out]
+    return notes
+
+
+def to_markdown(table: Table, digits: int = 2) -> str:
+    lines = ["| " + " | ".join(_header(table)) + " |", "|" + "---|" * len(_header(table))]
+    body = _body(table, digits, " ± ", lambda text: f"**{text}**",
+                 lambda p: f" (paper {p.method} {p.mean:.2f} ± {p.std:.2f}, Δ {p.delta:+.2f})")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines + [""] + _notes(table)) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """One line per cell: the row and column keys, the metric's mean, std and n (and, compared with
+    the paper, its method, mean and std and the difference)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    compared = bool(table.reference_source)
+    writer.writerow([*table.row_keys, *table.col_keys, "metric", "mean", "std", "n",
+                     *(["paper_method", "paper_mean", "paper_std", "delta"] if compared else [])])
+    for row in table.rows:
+        for col in table.cols:
+            cell = table.cells.get((row, col))
+            if cell is not None:
+                p = table.reference.get((row, col))
+                paper = ([p.method, p.mean, p.std, p.delta] if p else [""] * 4) if compared else []
+                writer.writerow([*row, *col, table.metric, cell.mean, "" if cell.std is None else cell.std, cell.n,
+                                 *paper])
+        for key, per_row in table.extras.items():
+            if row in per_row:
+                cell = per_row[row]
+                writer.writerow([*row, *([""] * len(table.col_keys)), key, cell.mean,
+                                 "" if cell.std is None else cell.std, cell.n])
+    return out.getvalue()
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table, digits: int = 2) -> str:
+    """A booktabs tabular (\\usepackage{booktabs}); the best mean of each column in bold."""
+    header = _header(table)
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    body = _body(table, digits, r" $\pm$ ", lambda text: rf"\textbf{{{text}}}",  # numbers need no escaping
+                 lambda p: rf" (paper {p.mean:.2f}, $\Delta$ {p.delta:+.2f})")
+    lines += [" & ".join([latex_escape(label), *cells]) + r" \\" for label, *cells in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n" + "".join(f"% {n}\n" for n in _notes(table))
+
+
+def to_json(table: Table) -> str:
+    def cell(c: Cell) -> dict:
+        return {"mean": c.mean, "std": c.std, "n": c.n}
+
+    doc = {"metric": table.metric, "row_keys": table.row_keys, "col_keys": table.col_keys, "varied": table.varied,
+           "cells": [{"row": list(r), "col": list(c), **cell(table.cells[(r, c)]),
+                      **({"paper": vars(table.reference[(r, c)])} if (r, c) in table.reference else {})}
+                     for r in table.rows for c in table.cols if (r, c) in table.cells],
+           "extras": {k: [{"row": list(r), **cell(per_row[r])} for r in table.rows if r in per_row]
+                      for k, per_row in table.extras.items()},
+           "left_out": [{"run": s, "why": w} for s, w in table.left_out]}
+    if table.reference_source:
+        doc["paper_source"] = table.reference_source
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def render(table: Table, fmt: str, digits: int = 2) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if fmt in ("md", "latex"):
+        return (to_markdown if fmt == "md" else to_latex)(table, digits)
+    return (to_csv if fmt == "csv" else to_json)(table)
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    from fgvr.tracking.run import write_text_atomic
+
+    parser = argparse.ArgumentParser(
+        prog="fgvr table", description="A result table (mean ± std over seeds) from run dirs and sweep dirs.")
+    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs (searched below) or glob patterns")
+    parser.add_argument("--rows", default="selector", help="keys labelling a row (default: selector)")
+    parser.add_argument("--cols", default="dataset", help="keys labelling a column (default: dataset)")
+    parser.add_argument("--metric", default="test_acc", help="the results.json field in the cells")
+    parser.add_argument("--extra", default="", help="more columns, per row: e.g. train_img_per_s,peak_mem_mb,"
+                                                     "cost.gflops_per_image.total,crop_iou")
+    parser.add_argument("--format", default="md", choices=FORMATS)
+    parser.add_argument("--digits", type=int, default=2, help="decimals (md, latex)")
+    parser.add_argument("--compare", choices=["paper"], help="beside each cell, the published number for its "
+                        "method and data set (fgvr/tracking/paper_results.json) and the difference")
+    parser.add_argument("--out", type=Path, help="write the table to this file instead of printing it")
+    args = parser.parse_args(argv)
+    keys = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
+    records = [read_run_dir(p) for p in run_dirs(args.paths)]
+    if not records:
+        raise DataError(f"{' '.join(args.paths)}: no run dirs there (a run dir holds results.json or .hydra/)")
+    table = build_table(records, keys(args.rows), keys(args.cols), args.metric, tuple(keys(args.extra)),
+                        paper_results() if args.compare == "paper" else None)
+    if not table.cells:
+        raise DataError(f"none of the {len(records)} runs finished with {args.metric}, e.g. "
+                        f"{table.left_out[0][0]} ({table.left_out[0][1]})")
+    text = render(table, args.format, args.digits)
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_text_atomic(args.out, text)
+        print(f"wrote {args.out}")

@@ -1,0 +1,199 @@
+"""`fgvr table`: the table maths, grouping and its guard, the formats (golden files) and the
+runs that cannot be in a table."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgvr.cli import main
+from fgvr.tracking.table import Cell, build_table, latex_escape, read_run_dir, render, run_dirs
+from tests.conftest import TINY, fgvr
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def write_run(run_dir: Path, selector: str = "glsim", seed: int = 1, acc: float | None = 90.0, dataset: str = "cub",
+              status: str = "finished", config: dict | None = None, **results) -> Path:
+    """A run dir as `fgvr train` leaves it: .hydra/config.yaml and results.json (None: still running)."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    cfg = {"seed": seed, "name": dataset, "data": {"name": dataset, "root": f"/data/{dataset}", "img_size": 224},
+           "selector": {"_target_": "fgvr.models.selectors.GLSimSelector", "top_k": 8} if selector == "glsim" else {},
+           "optim": {"lr": 0.01}, "head": {"_target_": "fgvr.models.heads.LinearHead"}}
+    for key, value in (config or {}).items():  # dotted overrides
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if status != "running":
+        out = {"status": status, "dataset": dataset, "selector": selector, "texture": "none", "head": "linear",
+               "backbone_config": "vit_b16", "seed": seed, **results}
+        if acc is not None:
+            out["test_acc"] = acc
+        (run_dir / "results.json").write_text(json.dumps(out))
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    return write_sweep(tmp_path / "sweep")
+
+
+def write_sweep(root: Path) -> Path:
+    """2 selectors x 3 seeds on two data sets, as a sweep dir of numbered jobs."""
+    accs = {("none", "cub"): [90.0, 90.2, 90.4], ("glsim", "cub"): [91.0, 90.5, 91.3],
+            ("none", "dogs"): [91.4, 91.3, 91.2], ("glsim", "dogs"): [92.0, 92.1, 91.9]}
+    job = 0
+    for (selector, dataset), values in accs.items():
+        for seed, acc in zip((1, 10, 100), values):
+            write_run(root / str(job), selector, seed, acc, dataset,
+                      train_img_per_s=100.0 + job, cost={"gflops_per_image": {"total": 17.6 if selector == "none"
+                                                                             else 35.2}})
+            job += 1
+    return root
+
+
+def test_cell_is_mean_sample_std_and_n():
+    cell = Cell.of([90.0, 91.0, 92.0])
+    assert (cell.mean, cell.std, cell.n) == (91.0, 1.0, 3)  # the sample std (n - 1), as papers report
+    assert Cell.of([5.0]) == Cell(5.0, None, 1)  # one seed: no std
+
+
+def test_a_sweep_becomes_methods_by_data_sets(sweep):
+    records = [read_run_dir(d) for d in run_dirs([str(sweep)])]
+    assert [Path(r.source).name for r in records] == [str(i) for i in range(12)]  # job order: 0, 1, ..., 11
+    table = build_table(records, ["selector"], ["dataset"])
+    assert table.rows == [("none",), ("glsim",)] and table.cols == [("cub",), ("dogs",)]  # in job order
+    assert table.cells[(("glsim",), ("cub",))].mean == pytest.approx(90.9333, abs=1e-4)
+    assert table.cells[(("none",), ("dogs",))].std == pytest.approx(0.1)
+    assert table.best(("cub",)) == ("glsim",) and table.varied == [] and table.left_out == []
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_kept_apart(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / f"k8_{seed}", seed=seed, acc=90.0 + seed)
+        write_run(tmp_path / f"k16_{seed}", seed=seed, acc=80.0 + seed, config={"selector.top_k": 16})
+        # keys that cannot change a result: averaged together
+        write_run(tmp_path / f"moved_{seed}", seed=seed, acc=90.0 + seed,
+                  config={"data.root": "/elsewhere", "data.num_workers": 3})
+    table = build_table([read_run_dir(d) for d in run_dirs([str(tmp_path)])], ["selector"], ["dataset"])
+    assert table.varied == ["selector.top_k"] and table.row_keys == ["selector", "selector.top_k"]
+    assert table.rows == [("glsim", 8), ("glsim", 16)]
+    assert table.cells[(("glsim", 8), ("cub",))].n == 4 and table.cells[(("glsim", 16), ("cub",))].mean == 81.5
+    assert "kept apart because they varied between runs of one cell: selector.top_k" in render(table, "md")
+
+
+def test_a_varied_config_choice_labels_the_row_by_its_name(tmp_path):
+    write_run(tmp_path / "a", acc=90.0)
+    b = write_run(tmp_path / "b", acc=91.0, config={"head._target_": "fgvr.models.heads.AggregatorHead"})
+    results = json.loads((b / "results.json").read_text()) | {"head": "aggregator"}
+    (b / "results.json").write_text(json.dumps(results))
+    table = build_table([read_run_dir(tmp_path / d) for d in "ab"], ["selector"], ["dataset"])
+    assert table.varied == ["head"] and table.rows == [("glsim", "linear"), ("glsim", "aggregator")]
+
+
+def test_failed_running_and_metricless_runs_are_listed_not_averaged(tmp_path):
+    write_run(tmp_path / "ok", acc=90.0)
+    write_run(tmp_path / "bad", acc=None, status="failed", error="DataError: data.root=/x: no such folder")
+    write_run(tmp_path / "busy", status="running")
+    write_run(tmp_path / "stopped", acc=None, status="interrupted")
+    write_run(tmp_path / "noacc", acc=None)
+    table = build_table([read_run_dir(d) for d in run_dirs([str(tmp_path)])], ["selector"], ["dataset"])
+    assert table.cells[(("glsim",), ("cub",))].n == 1
+    assert dict((Path(s).name, why) for s, why in table.left_out) == {
+        "bad": "failed: DataError: data.root=/x: no such folder", "busy": "running", "stopped": "interrupted",
+        "noacc": "finished without test_acc"}
+    md = render(table, "md")
+    assert "not in the table (4 runs):" in md and f"  running: {tmp_path / 'busy'}" in md
+
+
+@pytest.mark.parametrize("fmt,suffix", [("md", "md"), ("csv", "csv"), ("latex", "tex"), ("json", "json")])
+def test_each_format_matches_its_golden_file(sweep, fmt, suffix):
+    records = [read_run_dir(d) for d in run_dirs([str(sweep)])]
+    table = build_table(records, ["selector"], ["dataset"], extras=("train_img_per_s", "cost.gflops_per_image.total"))
+    for r in table.left_out:
+        raise AssertionError(r)
+    text = render(table, fmt)
+    assert text == (GOLDEN / f"table.{suffix}").read_text(), text
+
+
+def test_compare_with_the_paper(tmp_path, capsys):
+    """GLSim and the ViT-B/16 baseline on CUB and Dogs beside Table 4 of the paper."""
+    for seed, (glsim, vit) in zip((1, 10, 100), ((91.0, 90.0), (91.2, 90.1), (90.8, 90.2))):
+        write_run(tmp_path / f"g{seed}", "glsim", seed, glsim)
+        write_run(tmp_path / f"v{seed}", "none", seed, vit)
+    write_run(tmp_path / "other", "none", 1, 80.0, config={"backbone.name": "resnet50"},
+              backbone_config="resnet50")  # not the paper's backbone: nothing to compare with
+    main(["table", str(tmp_path), "--rows", "selector,backbone_config", "--compare", "paper"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| glsim / vit_b16 | **91.00 ± 0.20 (3)** (paper GLSim 90.93 ± 0.24, Δ +0.07) |"
+    assert lines[3] == "| none / vit_b16 | 90.10 ± 0.10 (3) (paper ViT-B/16 90.11 ± 0.17, Δ -0.01) |"
+    assert lines[4] == "| none / resnet50 | 80.00 (1) |"
+    assert any(line.startswith("paper: GLSim paper") and "Table 4" in line for line in lines)
+    main(["table", str(tmp_path), "--rows", "selector,backbone_config", "--compare", "paper", "--format", "csv"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].endswith("paper_method,paper_mean,paper_std,delta") and ",GLSim,90.93,0.24," in rows[1]
+
+
+def test_latex_escapes_names():
+    assert latex_escape("vit_b16 & 100% $x$ #1 {a} ~^\\") == \
+        r"vit\_b16 \& 100\% \$x\$ \#1 \{a\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
+
+
+def test_table_command_writes_each_format(sweep, tmp_path, capsys):
+    main(["table", str(sweep), "--rows", "selector", "--cols", "dataset"])
+    out = capsys.readouterr().out
+    assert out.startswith("| selector | cub | dogs |") and "**90.93 ± 0.40 (3)**" in out
+    main(["table", str(sweep / "*"), "--format", "latex", "--out", str(tmp_path / "t.tex")])  # a glob of run dirs
+    assert (tmp_path / "t.tex").read_text().startswith(r"\begin{tabular}{lrr}")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nowhere"], "fgvr table: error: /nowhere: no such run dir or sweep dir"),
+    (["EMPTY"], "no run dirs there"),
+    (["FAILED"], "none of the 1 runs finished with test_acc, e.g. "),
+])
+def test_table_command_errors_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    write_run(tmp_path / "failed" / "0", acc=None, status="failed", error="boom")
+    args = [{"EMPTY": str(tmp_path / "empty"), "FAILED": str(tmp_path / "failed")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["table", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (Debian: texlive-latex-recommended)")
+def test_latex_compiles_without_errors(sweep, tmp_path):
+    (tmp_path / "table.tex").write_text(render(build_table([read_run_dir(d) for d in run_dirs([str(sweep)])],
+                                                           ["selector"], ["dataset"]), "latex"))
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                                      "\\input{table}\n\\end{document}\n")
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "doc.log").read_text()
+    assert proc.returncode == 0 and "Warning" not in log and "Overfull" not in log, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_a_real_sweep_end_to_end(tmp_path):
+    """2 selectors x 2 seeds of `fgvr train` on the synthetic default, then `fgvr table` on the sweep."""
+    fgvr("train", "--multirun", "selector=none,random", "seed=1,2", *TINY, "trainer.epochs=1", cwd=tmp_path,
+         timeout=600)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    out = fgvr("table", str(sweep), "--extra", "train_img_per_s", cwd=tmp_path).stdout
+    lines = out.splitlines()
+    assert lines[0] == "| selector | synth | train_img_per_s |"
+    accs = {s: [json.loads((d / "results.json").read_text())["test_acc"] for d in sorted(sweep.iterdir())
+                if d.is_dir() and json.loads((d / "results.json").read_text())["selector"] == s]
+            for s in ("none", "random")}
+    for row, selector in zip(lines[2:4], ("none", "random")):
+        cell = Cell.of(accs[selector])
+        assert row.startswith(f"| {selector} | ") and f"{cell.mean:.2f} ± {cell.std:.2f} (2)" in row, (row, accs)
+    latex = fgvr("table", str(sweep), "--format", "latex", cwd=tmp_path).stdout
+    assert r"\toprule" in latex and r"\bottomrule" in latex

@@ -71,11 +71,11 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"cost": {"step_ms": 1}} -> {"cost/step_ms": 1}."""
+def flatten(d: dict, sep: str = "/", prefix: str = "") -> dict:
+    """{"cost": {"step_ms": 1}} -> {"cost/step_ms": 1} (an empty section leaves no key)."""
     out = {}
     for k, v in d.items():
-        out |= _flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        out |= flatten(v, sep, f"{prefix}{k}{sep}") if isinstance(v, dict) else {f"{prefix}{k}": v}
     return out
 
 
@@ -159,7 +159,7 @@ class RunLogger:
         write_json(self.run.dir / "results.json", results)
         self.metrics.close()
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in _flatten(results).items() if isinstance(v, (int, float, str))})
+            self.wandb.summary.update({k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str))})
             self.wandb.finish(exit_code=0 if results.get("status") == "finished" else 1)
 
 

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,6 @@ class Record:
     def get(self, key: str) -> Any:
         """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
         return self.results[key] if key in self.results else self.config.get(key)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -79,15 +70,17 @@ def run_dirs(paths: list[str]) -> list[Path]:
 def read_run_dir(path: Path) -> Record:
     from omegaconf import OmegaConf
 
+    from fgvr.tracking.run import flatten
+
     config_file = path / ".hydra" / "config.yaml"
-    config = flatten(OmegaConf.to_container(OmegaConf.load(config_file))) if config_file.is_file() else {}
+    config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
     try:
         results = json.loads((path / "results.json").read_text())
     except FileNotFoundError:
         return Record(str(path), "running", config, {})
     except json.JSONDecodeError as e:
         raise DataError(f"{path / 'results.json'}: not valid JSON ({e})") from None
-    return Record(str(path), results.get("status", "running"), config, flatten(results))
+    return Record(str(path), results.get("status", "running"), config, flatten(results, "."))
 
 
 @dataclass
@@ -324,6 +317,36 @@ def to_json(table: Table) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
+def plot(table: Table, speed: Table, path: Path) -> int:
+    """Accuracy against throughput (the GLSim paper's figure): one point per row with error bars
+    (std over its runs) on both axes, one panel per column; written atomically as a PNG. Returns
+    the number of points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table.cols), figsize=(5 * len(table.cols), 4), squeeze=False)
+    points = 0
+    for ax, col in zip(axes[0], table.cols):
+        for row in table.rows:
+            y, x = table.cells.get((row, col)), speed.cells.get((row, col))
+            if x is None or y is None:
+                continue
+            ax.errorbar(x.mean, y.mean, xerr=x.std or 0, yerr=y.std or 0, fmt="o", capsize=3)
+            ax.annotate(_label(row), (x.mean, y.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            points += 1
+        ax.set(xlabel=speed.metric, ylabel=table.metric, title=_label(col))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return points
+
+
 def render(table: Table, fmt: str, digits: int = 2) -> str:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -347,6 +370,9 @@ def main(argv: list[str]) -> None:
                                                      "cost.gflops_per_image.total,crop_iou")
     parser.add_argument("--format", default="md", choices=FORMATS)
     parser.add_argument("--digits", type=int, default=2, help="decimals (md, latex)")
+    parser.add_argument("--plot", type=Path, help="also draw the metric against --speed into this PNG")
+    parser.add_argument("--speed", default="eval_img_per_s", help="the plot's x axis (default: eval_img_per_s, "
+                        "inference throughput as in the GLSim paper; train_img_per_s for training)")
     parser.add_argument("--compare", choices=["paper"], help="beside each cell, the published number for its "
                         "method and data set (fgvr/tracking/paper_results.json) and the difference")
     parser.add_argument("--out", type=Path, help="write the table to this file instead of printing it")
@@ -361,6 +387,9 @@ def main(argv: list[str]) -> None:
         raise DataError(f"none of the {len(records)} runs finished with {args.metric}, e.g. "
                         f"{table.left_out[0][0]} ({table.left_out[0][1]})")
     text = render(table, args.format, args.digits)
+    if args.plot is not None:
+        speed = build_table(records, keys(args.rows), keys(args.cols), args.speed)
+        print(f"wrote {args.plot}: {plot(table, speed, args.plot)} points", file=sys.stderr)
     if args.out is None:
         print(text, end="")
     else:

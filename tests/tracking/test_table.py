@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fgvr.cli import main
-from fgvr.tracking.table import Cell, build_table, latex_escape, read_run_dir, render, run_dirs
+from fgvr.tracking.table import Cell, build_table, latex_escape, plot, read_run_dir, render, run_dirs
 from tests.conftest import TINY, fgvr
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -138,6 +138,19 @@ def test_compare_with_the_paper(tmp_path, capsys):
     main(["table", str(tmp_path), "--rows", "selector,backbone_config", "--compare", "paper", "--format", "csv"])
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].endswith("paper_method,paper_mean,paper_std,delta") and ",GLSim,90.93,0.24," in rows[1]
+
+
+def test_plot_has_a_point_per_method_and_data_set(sweep, tmp_path, capsys):
+    import cv2
+
+    main(["table", str(sweep), "--plot", str(tmp_path / "acc.png"), "--speed", "train_img_per_s"])
+    assert "acc.png: 4 points" in capsys.readouterr().err  # 2 selectors x 2 data sets
+    image = cv2.imread(str(tmp_path / "acc.png"))
+    assert image is not None and image.shape == (400, 1000, 3)  # two panels of 5 x 4 inches at 100 dpi
+    records = [read_run_dir(d) for d in run_dirs([str(sweep)])]
+    acc = build_table(records, ["selector"], ["dataset"])
+    speed = build_table(records[:3], ["selector"], ["dataset"], "train_img_per_s")  # only some runs have a speed
+    assert plot(acc, speed, tmp_path / "few.png") == 1
 
 
 def test_latex_escapes_names():

@@ -150,6 +150,23 @@ def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
     assert '"status": "finished"' in (tmp_path / "run" / "results.json").read_text()
 
 
+@pytest.mark.slow
+def test_paper_table_script(tmp_path, cub_root):
+    """scripts/paper_table.sh on one data set with a tiny backbone: 2 methods x 3 seeds, then the tables."""
+    env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}", "DATASETS": "cub", "OUT": str(tmp_path / "t4")}
+    proc = subprocess.run([str(REPO / "scripts" / "paper_table.sh"), str(cub_root.parent), *TINY[:4],
+                           "data.check_counts=false", "backbone.pretrained=false", "trainer.epochs=1",
+                           "trainer.limit_train_batches=1", "optim.warmup_steps=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "t4" / "table4.md").read_text().splitlines()
+    assert table[0] == "| selector | cub | eval_img_per_s | cost.gflops_per_image.total |"
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| glsim", "| none"]  # job order: cub, then cub_vit
+    assert all("(3) |" in line for line in table[2:4])
+    assert (tmp_path / "t4" / "table4.tex").read_text().startswith(r"\begin{tabular}")
+    assert (tmp_path / "t4" / "acc_vs_throughput.png").stat().st_size > 0
+
+
 def test_seed_sweep_script(tmp_path, cub_root):
     script = REPO / "scripts" / "seed_sweep.sh"
     env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}"}

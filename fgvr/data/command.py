@@ -57,13 +57,13 @@ def main(argv: list[str]) -> None:
 def listing() -> str:
     from fgvr.data.catalog import BENCHMARKS
 
-    rows = [("name", "data set", "classes", "train", "test", "boxes", "download")]
+    rows = [("name", "data set", "classes", "train", "test", "boxes", "download", "data.root under --root")]
     for b in BENCHMARKS.values():
         rows.append((b.name, b.title, str(b.classes), str(b.train), str(b.test), "yes" if b.boxes else "no",
-                     "manual step" if b.manual else "automatic"))
+                     "manual step" if b.manual else "automatic", b.folder))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    align = lambda i, c, w: c.rjust(w) if 2 <= i <= 6 else c.ljust(w)  # noqa: E731
+    return "\n".join("  ".join(align(i, c, w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
 def data_config(name: str, root: str | None, overrides: list[str]):

@@ -122,7 +122,8 @@ def test_stats_shows_the_hierarchy(tmp_path, capsys):
 def test_the_data_command_of_the_console_script(tmp_path):
     proc = fgvr("data", "list", cwd=tmp_path)
     assert proc.stdout.splitlines()[0].split() == ["name", "data", "set", "classes", "train", "test", "boxes",
-                                                  "download"]
+                                                  "download", "data.root", "under", "--root"]
+    assert proc.stdout.splitlines()[1].split()[-1] == "CUB_200_2011"
     proc = fgvr("data", "check", "cub", "--root", str(tmp_path / "nope"), cwd=tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("fgvr data: error: data.root=") and \
         "no such folder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

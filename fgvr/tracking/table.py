@@ -35,7 +35,7 @@ FORMATS = ("md", "csv", "latex", "json")
 @dataclass
 class Record:
     source: str  # where the run is: its run dir
-    status: str  # finished, failed, interrupted, or "running" (no results.json yet)
+    status: str  # results.json's (finished, failed, interrupted); "no results" or "unreadable" without one
     config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
     results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
 
@@ -52,7 +52,8 @@ def run_dirs(paths: list[str]) -> list[Path]:
     """Run dirs named by `paths`: run dirs, sweep dirs (searched below) and glob patterns."""
     found: list[Path] = []
     for pattern in paths:
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(Path(m).exists() for m in matches):
             raise DataError(f"{pattern}: no such run dir or sweep dir")
         for match in map(Path, matches):
@@ -73,14 +74,17 @@ def read_run_dir(path: Path) -> Record:
     from fgvr.tracking.run import flatten
 
     config_file = path / ".hydra" / "config.yaml"
-    config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
+    try:
+        config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
+    except Exception as e:  # yaml's and OmegaConf's errors
+        raise DataError(f"{config_file}: not a readable config ({type(e).__name__}); restore or remove it") from None
     try:
         results = json.loads((path / "results.json").read_text())
     except FileNotFoundError:
-        return Record(str(path), "running", config, {})
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path / 'results.json'}: not valid JSON ({e})") from None
-    return Record(str(path), results.get("status", "running"), config, flatten(results, "."))
+        return Record(str(path), "no results", config, {})
+    except json.JSONDecodeError:
+        return Record(str(path), "unreadable", config, {})
+    return Record(str(path), results.get("status", "no results"), config, flatten(results, "."))
 
 
 @dataclass
@@ -144,11 +148,14 @@ def build_table(records: list[Record], rows: list[str], cols: list[str], metric:
                 extras: tuple[str, ...] = (), reference: dict | None = None) -> Table:
     """`reference` (paper_results()): beside each cell whose runs all match a published method
     (its "match" keys) the published number for the cell's data set."""
+    why = {"failed": "failed: {error}", "interrupted": "interrupted (it resumes when relaunched)",
+           "no results": "no results.json: still running, or it died before writing it",
+           "unreadable": "results.json is not valid JSON"}
     left_out, used = [], []
     for r in records:
         if r.status != "finished":
-            left_out.append((r.source, r.status if r.status != "failed" else
-                             f"failed: {r.results.get('error', 'see its train.log')}"))
+            reason = why.get(r.status, r.status).format(error=r.results.get("error", "see its train.log"))
+            left_out.append((r.source, reason))
         elif not isinstance(r.get(metric), (int, float)):
             left_out.append((r.source, f"finished without {metric}"))
         else:

@@ -103,13 +103,17 @@ def test_failed_running_and_metricless_runs_are_listed_not_averaged(tmp_path):
     write_run(tmp_path / "busy", status="running")
     write_run(tmp_path / "stopped", acc=None, status="interrupted")
     write_run(tmp_path / "noacc", acc=None)
+    (write_run(tmp_path / "torn", acc=None) / "results.json").write_text('{"status": "fini')
     table = build_table([read_run_dir(d) for d in run_dirs([str(tmp_path)])], ["selector"], ["dataset"])
     assert table.cells[(("glsim",), ("cub",))].n == 1
     assert dict((Path(s).name, why) for s, why in table.left_out) == {
-        "bad": "failed: DataError: data.root=/x: no such folder", "busy": "running", "stopped": "interrupted",
-        "noacc": "finished without test_acc"}
+        "bad": "failed: DataError: data.root=/x: no such folder",
+        "busy": "no results.json: still running, or it died before writing it",
+        "stopped": "interrupted (it resumes when relaunched)", "noacc": "finished without test_acc",
+        "torn": "results.json is not valid JSON"}
     md = render(table, "md")
-    assert "not in the table (4 runs):" in md and f"  running: {tmp_path / 'busy'}" in md
+    assert "not in the table (5 runs):" in md
+    assert f"  interrupted (it resumes when relaunched): {tmp_path / 'stopped'}" in md
 
 
 @pytest.mark.parametrize("fmt,suffix", [("md", "md"), ("csv", "csv"), ("latex", "tex"), ("json", "json")])
@@ -170,11 +174,14 @@ def test_table_command_writes_each_format(sweep, tmp_path, capsys):
     (["/nowhere"], "fgvr table: error: /nowhere: no such run dir or sweep dir"),
     (["EMPTY"], "no run dirs there"),
     (["FAILED"], "none of the 1 runs finished with test_acc, e.g. "),
+    (["BADCFG"], "config.yaml: not a readable config (ParserError); restore or remove it"),
 ])
 def test_table_command_errors_are_one_line(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     write_run(tmp_path / "failed" / "0", acc=None, status="failed", error="boom")
-    args = [{"EMPTY": str(tmp_path / "empty"), "FAILED": str(tmp_path / "failed")}.get(a, a) for a in args]
+    (write_run(tmp_path / "badcfg" / "0") / ".hydra" / "config.yaml").write_text("data: {name: [")
+    named = {"EMPTY": tmp_path / "empty", "FAILED": tmp_path / "failed", "BADCFG": tmp_path / "badcfg"}
+    args = [str(named.get(a, a)) for a in args]
     with pytest.raises(SystemExit) as e:
         main(["table", *args])
     err = capsys.readouterr().err

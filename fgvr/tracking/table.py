@@ -130,10 +130,10 @@ class Table:
     reference: dict[tuple[tuple, tuple], Reference] = field(default_factory=dict)
     reference_source: str = ""
 
-    def best(self, col: tuple) -> tuple | None:
-        """The row with the highest mean in a column."""
-        scored = [(self.cells[(r, col)].mean, r) for r in self.rows if (r, col) in self.cells]
-        return max(scored)[1] if scored else None
+    def best(self, col: tuple) -> set[tuple]:
+        """The rows with the highest mean in a column (all of them on a tie)."""
+        means = {r: self.cells[(r, col)].mean for r in self.rows if (r, col) in self.cells}
+        return {r for r, m in means.items() if m == max(means.values())}
 
 
 def _value_key(value: Any) -> str:
@@ -228,7 +228,7 @@ def _body(table: Table, digits: int, pm: str, bold, published) -> list[list[str]
         cells = [_label(row)]
         for col in table.cols:
             text = _number(table.cells.get((row, col)), digits, pm)
-            if text and len(table.rows) > 1 and table.best(col) == row:
+            if text and len(table.rows) > 1 and row in table.best(col):
                 text = bold(text)
             if (row, col) in table.reference:
                 text += published(table.reference[(row, col)])

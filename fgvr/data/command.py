@@ -94,7 +94,12 @@ def data_config(name: str, root: str | None, overrides: list[str]):
 
 
 def _cache_dir() -> str:
-    return os.path.expanduser(os.environ.get("FGVR_CACHE_DIR", "~/.cache/fgvr"))
+    """paths.cache_dir as configs/train.yaml sets it (FGVR_CACHE_DIR, or its default)."""
+    from omegaconf import OmegaConf
+
+    from fgvr.config import config_dir
+
+    return os.path.expanduser(OmegaConf.load(config_dir() / "train.yaml").paths.cache_dir)
 
 
 def _splits(cfg):

@@ -124,7 +124,7 @@ def extract(path: Path, into: Path) -> None:
         else:
             with tarfile.open(path) as tar:
                 tar.extractall(into, filter="data")  # no absolute paths, no escapes from `into`
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:  # OSError: a full disk, too
         raise DataError(f"{path}: cannot extract ({e}); delete it and rerun to fetch it again") from None
 
 

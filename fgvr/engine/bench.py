@@ -218,7 +218,6 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     out = _rounded(out)
     print(format_table(out))
     if b.out:
-        Path(b.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(b.out), out)
     return out
 

@@ -45,11 +45,17 @@ def run_info(name: str) -> RunInfo:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
+    """Write to a temporary name, then rename: readers never see half a file. Makes the folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run's folder: Hydra's .hydra/ or the results.json every run ends with."""
+    return (path / ".hydra").is_dir() or (path / "results.json").is_file()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from fgvr.tracking.run import is_run_dir
+
 log = logging.getLogger("fgvr")
 
 
@@ -48,7 +50,7 @@ def run_status(run_dir: Path) -> RunStatus:
 def sweep_runs(sweep_dir: Path) -> list[RunStatus]:
     """Every run dir of a sweep (sub-dirs with a .hydra/ or results.json), in job order."""
     dirs = [d for d in Path(sweep_dir).iterdir()
-            if d.is_dir() and ((d / ".hydra").is_dir() or (d / "results.json").is_file())]
+            if d.is_dir() and is_run_dir(d)]
     return [run_status(d) for d in sorted(dirs, key=lambda d: (len(d.name), d.name))]  # 0, 1, ..., 10
 
 

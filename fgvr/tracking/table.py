@@ -44,12 +44,10 @@ class Record:
         return self.results[key] if key in self.results else self.config.get(key)
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "results.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
-
-
 def run_dirs(paths: list[str]) -> list[Path]:
     """Run dirs named by `paths`: run dirs, sweep dirs (searched below) and glob patterns."""
+    from fgvr.tracking.run import is_run_dir
+
     found: list[Path] = []
     for pattern in paths:
         pattern = os.path.expanduser(pattern)
@@ -57,12 +55,12 @@ def run_dirs(paths: list[str]) -> list[Path]:
         if not matches or not all(Path(m).exists() for m in matches):
             raise DataError(f"{pattern}: no such run dir or sweep dir")
         for match in map(Path, matches):
-            if _is_run_dir(match):
+            if is_run_dir(match):
                 found.append(match)
                 continue
             for root, dirs, _ in os.walk(match):
                 dirs.sort(key=lambda d: (len(d), d))  # job 2 before job 10
-                if _is_run_dir(Path(root)):
+                if is_run_dir(Path(root)):
                     found.append(Path(root))
                     dirs.clear()  # a run dir holds no other run
     return list(dict.fromkeys(p.resolve() for p in found))

@@ -1,8 +1,9 @@
 """`fgvr table`: a paper's result table (rows = methods, columns = data sets, cells = mean +- std
-of a metric over seeds) regenerated from the run dirs alone.
+of a metric over seeds) regenerated from the run dirs alone, or from their W&B runs.
 
-Every source of runs produces the same `Record` (the run's flat config and results.json), so the
-table maths (`build_table`) and the formats never depend on where the runs came from.
+Every source of runs (`read_run_dir`; `fgvr.tracking.wandb_runs.read_wandb`) produces the same
+`Record` (the run's flat config and results), so the table maths (`build_table`) and the formats
+never depend on where the runs came from.
 
 Runs are averaged only when they differ in nothing but the seed and keys that cannot change a
 result (where the data lives, logging, workers, compilation): a key that varies otherwise is
@@ -34,8 +35,10 @@ FORMATS = ("md", "csv", "latex", "json")
 
 @dataclass
 class Record:
-    source: str  # where the run is: its run dir
-    status: str  # results.json's (finished, failed, interrupted); "no results" or "unreadable" without one
+    source: str  # where the run is: its run dir, or its W&B page
+    # results.json's (finished, failed, interrupted); "no results" or "unreadable" without one; from W&B
+    # also running, crashed, killed, or "no summary" (finished without fgvr's results)
+    status: str
     config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
     results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
 
@@ -148,7 +151,9 @@ def build_table(records: list[Record], rows: list[str], cols: list[str], metric:
     (its "match" keys) the published number for the cell's data set."""
     why = {"failed": "failed: {error}", "interrupted": "interrupted (it resumes when relaunched)",
            "no results": "no results.json: still running, or it died before writing it",
-           "unreadable": "results.json is not valid JSON"}
+           "unreadable": "results.json is not valid JSON", "running": "still running",
+           "crashed": "crashed: W&B lost contact with it", "killed": "killed",
+           "no summary": "W&B has no fgvr results for it (its summary lacks status)"}
     left_out, used = [], []
     for r in records:
         if r.status != "finished":
@@ -366,8 +371,15 @@ def main(argv: list[str]) -> None:
     from fgvr.tracking.run import write_text_atomic
 
     parser = argparse.ArgumentParser(
-        prog="fgvr table", description="A result table (mean ± std over seeds) from run dirs and sweep dirs.")
-    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs (searched below) or glob patterns")
+        prog="fgvr table", description="A result table (mean ± std over seeds) from run dirs and sweep dirs, "
+                                       "or from W&B runs (--source wandb).")
+    parser.add_argument("paths", nargs="*", help="run dirs, sweep dirs (searched below) or glob patterns")
+    parser.add_argument("--source", choices=("dirs", "wandb"), default="dirs",
+                        help="dirs: the run dirs named (default); wandb: the runs of a W&B project")
+    parser.add_argument("--project", help="ENTITY/PROJECT of the W&B runs (--source wandb)")
+    parser.add_argument("--group", help="only the W&B runs of this group (a sweep's is its sweep dir's name)")
+    parser.add_argument("--filters", help="only the W&B runs this query selects, as JSON in W&B's MongoDB "
+                        "syntax: e.g. '{\"config.data.name\": \"cub\", \"tags\": \"paper\"}'")
     parser.add_argument("--rows", default="selector", help="keys labelling a row (default: selector)")
     parser.add_argument("--cols", default="dataset", help="keys labelling a column (default: dataset)")
     parser.add_argument("--metric", default="test_acc", help="the results.json field in the cells")
@@ -383,9 +395,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, help="write the table to this file instead of printing it")
     args = parser.parse_args(argv)
     keys = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
-    records = [read_run_dir(p) for p in run_dirs(args.paths)]
-    if not records:
-        raise DataError(f"{' '.join(args.paths)}: no run dirs there (a run dir holds results.json or .hydra/)")
+    if args.source == "wandb":
+        if args.paths or not args.project:
+            parser.error("--source wandb takes --project ENTITY/PROJECT and no paths")
+        from fgvr.tracking.wandb_runs import read_wandb
+
+        records = read_wandb(args.project, args.group, args.filters)
+        if not records:
+            raise DataError(f"W&B {args.project}: no runs{' in group ' + args.group if args.group else ''}"
+                            f"{' matching --filters ' + args.filters if args.filters else ''}")
+    else:
+        if not args.paths or args.project or args.group or args.filters:
+            parser.error("give run dirs or sweep dirs; --project, --group and --filters go with --source wandb")
+        records = [read_run_dir(p) for p in run_dirs(args.paths)]
+        if not records:
+            raise DataError(f"{' '.join(args.paths)}: no run dirs there (a run dir holds results.json or .hydra/)")
     table = build_table(records, keys(args.rows), keys(args.cols), args.metric, tuple(keys(args.extra)),
                         paper_results() if args.compare == "paper" else None)
     if not table.cells:

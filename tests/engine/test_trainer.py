@@ -205,6 +205,7 @@ def test_stopped_runs_resume_and_match_an_uninterrupted_one(tmp_path):
     assert [e["event"] for e in read_events(signalled / "metrics.jsonl") if "event" in e] == ["interrupted", "resumed"]
 
 
+@pytest.mark.slow  # a `fgvr train` and two `fgvr eval` subprocesses (~40 s)
 def test_eval_reproduces_the_test_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     fgvr("train", *TINY, "selector=glsim", "head=aggregator", f"hydra.run.dir={run_dir}", cwd=tmp_path)

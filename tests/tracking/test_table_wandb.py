@@ -100,7 +100,8 @@ def test_wandb_errors_are_one_line(wandb_server, capsys, args, message):
 
 def test_credentials_the_server_refuses_are_one_line(wandb_server, capsys):
     fake = wandb_server("left_out.json")
-    fake.interactions[0]["response"] = {"data": {"viewer": None}}  # W&B's answer to an unknown API key
+    viewer = next(i for i in fake.interactions if i["operation"] == "Viewer")
+    viewer["response"] = {"data": {"viewer": None}}  # W&B's answer to an API key it does not know
     with pytest.raises(SystemExit):
         main(["table", *PROJECT])
     err = capsys.readouterr().err.strip()

@@ -1,6 +1,7 @@
 """`fgvr viz`: one figure per image with the heat map, boxes, crop and prediction."""
 
 import cv2
+import pytest
 
 from fgvr.config import VizConfig
 from fgvr.tracking.viz import PANEL, render, visualise
@@ -33,6 +34,7 @@ def test_viz_writes_one_png_per_image_and_a_wandb_table(train_run, tmp_path):
     assert b"viz/test" in logs  # the table went to the run's (offline) W&B run
 
 
+@pytest.mark.slow  # four `fgvr viz` subprocesses (~45 s); visualise() itself is tested in-process above
 def test_viz_command_and_its_errors(train_run, tmp_path):
     _, run_dir = train_run("trainer.epochs=1")  # no selector: the images and predictions only
     out = tmp_path / "figs"

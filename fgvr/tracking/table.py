@@ -397,7 +397,7 @@ def main(argv: list[str]) -> None:
     keys = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
     if args.source == "wandb":
         if args.paths or not args.project:
-            parser.error("--source wandb takes --project ENTITY/PROJECT and no paths")
+            raise ConfigError("--source wandb takes --project ENTITY/PROJECT and no paths")
         from fgvr.tracking.wandb_runs import read_wandb
 
         records = read_wandb(args.project, args.group, args.filters)
@@ -406,7 +406,7 @@ def main(argv: list[str]) -> None:
                             f"{' matching --filters ' + args.filters if args.filters else ''}")
     else:
         if not args.paths or args.project or args.group or args.filters:
-            parser.error("give run dirs or sweep dirs; --project, --group and --filters go with --source wandb")
+            raise ConfigError("give run dirs or sweep dirs; --project, --group and --filters go with --source wandb")
         records = [read_run_dir(p) for p in run_dirs(args.paths)]
         if not records:
             raise DataError(f"{' '.join(args.paths)}: no run dirs there (a run dir holds results.json or .hydra/)")

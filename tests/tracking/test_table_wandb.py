@@ -86,6 +86,9 @@ def test_runs_that_cannot_be_in_the_table_are_listed_with_their_w_and_b_page(wan
 
 @pytest.mark.parametrize("args,message", [
     (["--project", "fgvr-lab/nope"], "W&B: no project fgvr-lab/nope, or no access to it; check --project"),
+    (["--project", "fgvr-lab/fgvr", "--group", "nosuch"], "W&B fgvr-lab/fgvr: no runs in group nosuch"),
+    (["--project", "fgvr-lab/fgvr", "outputs/multirun"], "--source wandb takes --project ENTITY/PROJECT and no paths"),
+    (["--source", "dirs", "outputs/multirun", "--group", "g"], "--project, --group and --filters go with --source"),
     (["--project", "fgvr"], "--project fgvr: give it as ENTITY/PROJECT"),
     (["--project", "fgvr-lab/fgvr", "--filters", "{config.data.name: cub}"], "--filters {config.data.name: cub}: "
      "not JSON"),

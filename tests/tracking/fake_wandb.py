@@ -1,6 +1,6 @@
-"""A W&B server on localhost that replays recorded GraphQL exchanges (a cassette) to the real
-`wandb.Api`, so the W&B reader is tested through wandb's own client, wandb-core's HTTP and the
-server's wire format, without a network.
+"""A W&B server on localhost that replays GraphQL exchanges kept in a file (a cassette) to the
+real `wandb.Api`, so the W&B reader is tested through wandb's own client, wandb-core's HTTP and
+the server's wire format, without a network. Each cassette's `_source` says how it was made.
 
 A cassette (tests/tracking/wandb_api/*.json) lists `interactions`: an operation name, the
 variables the client must send, and the response. A request that matches none of them gets a

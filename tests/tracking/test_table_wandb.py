@@ -1,5 +1,5 @@
 """`fgvr table --source wandb`: the same table from W&B runs, read through wandb's real public API
-(and wandb-core's HTTP) from a local server replaying recorded GraphQL exchanges."""
+(and wandb-core's HTTP) from a local server replaying the GraphQL exchanges in wandb_api/."""
 
 import json
 from pathlib import Path

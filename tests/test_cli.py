@@ -141,13 +141,20 @@ def test_gabor_experiments(compose):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root, experiment):
-    """Each experiment file with its backbone swapped for a tiny one, on a CUB-layout fixture."""
-    fgvr("train", f"+experiment={experiment}", f"data.root={cub_root}", "data=cub", "data.check_counts=false",
-         *TINY[:4], "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1",
-         "optim.warmup_steps=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert '"status": "finished"' in (tmp_path / "run" / "results.json").read_text()
+def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root):
+    """Each experiment file with its backbone swapped for a tiny one, on a CUB-layout fixture; one
+    sweep over all of them, so the process starts once instead of once per experiment."""
+    sweep = tmp_path / "sweep"
+    proc = fgvr("train", "--multirun", f"+experiment={','.join(EXPERIMENTS)}", f"data.root={cub_root}", "data=cub",
+                "data.check_counts=false", *TINY[:4], "backbone.pretrained=false", "trainer.epochs=1",
+                "trainer.limit_train_batches=1", "optim.warmup_steps=0", f"hydra.sweep.dir={sweep}",
+                cwd=tmp_path, timeout=900, check=False)
+    status = {}
+    for job, experiment in enumerate(EXPERIMENTS):
+        run = sweep / str(job)
+        assert f"+experiment={experiment}" in (run / ".hydra" / "overrides.yaml").read_text()
+        status[experiment] = json.loads((run / "results.json").read_text())["status"]
+    assert proc.returncode == 0 and set(status.values()) == {"finished"}, (status, proc.stderr[-3000:])
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,20 +40,17 @@ class FakeWandb:
         self.interactions = json.loads(cassette.read_text())["interactions"]
         self.requests: list[tuple[str, dict]] = []  # (operation, variables) of every GraphQL request
         self.unmatched: list[tuple[str, dict]] = []
-        self.failures: Counter = Counter()
-        self.failure_status: dict[str, int] = {}
+        self.failing: dict[str, list[int]] = {}  # operation -> the HTTP statuses its next requests get
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
     def fail(self, op: str, times: int, status: int = 503) -> None:
-        self.failures[op] += times
-        self.failure_status[op] = status
+        self.failing.setdefault(op, []).extend([status] * times)
 
     def answer(self, op: str, variables: dict) -> tuple[int, dict]:
         self.requests.append((op, variables))
-        if self.failures[op] > 0:
-            self.failures[op] -= 1
-            return self.failure_status[op], {"errors": [{"message": "service unavailable"}]}
+        if self.failing.get(op):
+            return self.failing[op].pop(), {"errors": [{"message": "service unavailable"}]}
         for interaction in self.interactions:
             if interaction["operation"] == op and same_variables(variables, interaction["variables"]):
                 return 200, interaction["response"]

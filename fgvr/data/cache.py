@@ -82,7 +82,9 @@ class _Decode(Dataset):
                 raise
             return i, None, (0, 0)
         h, w = image.shape[:2]
-        return i, cv2.resize(image, (self.side, self.side), interpolation=cv2.INTER_LINEAR), (w, h)
+        shrink = self.side < max(h, w)  # as the transforms' resize: areas averaged when shrinking
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        return i, cv2.resize(image, (self.side, self.side), interpolation=interpolation), (w, h)
 
 
 def cache_key(paths: np.ndarray, side: int) -> str:

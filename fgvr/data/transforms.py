@@ -35,9 +35,11 @@ def trivial_augment() -> A.BaseCompose:
 
 
 def _resize(img_size: int, resize_ratio: float, resized: bool) -> list:
-    """The square resize to resize_ratio * S, unless the images come resized (data.cache=decoded)."""
+    """The square resize to resize_ratio * S, unless the images come resized (data.cache=decoded).
+    Shrinking averages pixel areas: bilinear sampling alone would alias detail finer than the
+    output can hold into false coarse patterns."""
     side = round(img_size * resize_ratio)
-    return [] if resized else [A.Resize(side, side, interpolation=cv2.INTER_LINEAR)]
+    return [] if resized else [A.Resize(side, side, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
 
 
 def train_transform(img_size: int, resize_ratio: float, aug: AugmentConfig, resized: bool = False) -> A.Compose:

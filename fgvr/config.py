@@ -74,14 +74,26 @@ class AugmentConfig:
     random_erasing: float = 0.0  # probability
 
 
+class SynthKind(Enum):
+    discs = "discs"  # data=synth: the class is the grating of the one warm disc, visible at the input size
+    parts = "parts"  # data=synth_parts: the class is a fine grating only a full-resolution crop resolves
+
+
 @dataclass
 class SynthConfig:
+    """The generated data sets (fgvr/data/synth.py). The `parts` knobs apply to kind=parts only."""
+
+    kind: SynthKind = SynthKind.discs
     num_classes: int = 10
     train_per_class: int = 160
     test_per_class: int = 40
-    image_size: int = 96
+    image_size: int = 96  # side of the stored images (the source resolution)
     distractors: int = 3
     seed: int = 0
+    groups: int = 4  # parts: part colours; classes of a colour differ only in the fine detail
+    part_size: float = 0.2  # parts: the part's diameter, as a fraction of the image side
+    detail_freq: float = 0.25  # parts: the fine grating's frequency, cycles per pixel of the stored image
+    distractor_similarity: float = 0.3  # parts: 0 grey distractors .. 1 as saturated as the part
 
 
 @dataclass
@@ -139,6 +151,9 @@ class TrainerConfig:
     log_every: int = 50  # steps between train log events
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None
+    # At the end, write <run dir>/backbone.safetensors: the backbone's weights (EMA ones with
+    # ema_decay) in timm's format, for a later run's backbone.checkpoint= (+experiment=synth_pretrain).
+    export_backbone: bool = False
 
 
 @dataclass

@@ -41,7 +41,8 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, vit_b16, vit_micro, vit_tiny"),
+    ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, resnet_micro, vit_b16, vit_micro, "
+                     "vit_micro_synth, vit_tiny"),
     ("data=imagenet", "data=imagenet: no such option; choose one of aircraft, cars, csv, cub, dogs, flowers, folder, "
                       "inat2017, nabirds, pets,"),
     ("+experiment=nope", "+experiment=nope: no such option; choose one of aircraft, aircraft_vit, cars"),

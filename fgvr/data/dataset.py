@@ -175,6 +175,21 @@ class Loaders:
     classes: list[str]
 
 
+def require_boxes(model, loaders: Loaders, name: str) -> None:
+    """One line, before any work, when the model reads ground-truth boxes (selector=oracle) that
+    the data does not have for every image."""
+    selector = getattr(model, "selector", None)
+    if selector is None or not selector.needs_boxes:
+        return
+    for split, loader in (("train", loaders.train), ("test", loaders.test)):
+        boxes = loader.dataset.records.boxes
+        missing = int((~np.isfinite(boxes).all(-1)).sum())
+        if missing:
+            raise DataError(f"selector={selector.name} crops the ground-truth box, but {missing} of {len(boxes)} "
+                            f"{split} images of data={name} have none; use it on data with bounding boxes "
+                            "(synth, synth_parts, cub, nabirds, cars, aircraft, dogs, or a csv with box columns)")
+
+
 def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0,
                   rank: int = 0, world_size: int = 1) -> Loaders:
     """Train / val / test loaders of one rank; `scale` > 1 delivers images that much larger than

@@ -117,11 +117,12 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     untimed = StepTimer(device, enabled=False)
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, timer: StepTimer = untimed) -> None:
+    def train_step(images: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor,
+                   timer: StepTimer = untimed) -> None:
         """One step as the trainer takes it (without accumulation)."""
         timer.start()
         with autocast():
-            logits, _ = forward(images)
+            logits, _ = forward(images, truth)
             loss = criterion(logits.float(), labels)
         timer.mark("forward")
         scaler.scale(loss).backward()
@@ -142,6 +143,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, num_classes, (bs,), device=device)
+    truth = torch.full((bs, 4), float("nan"), device=device)  # no boxes: selector=oracle takes whole images
     eval_images = images[torch.arange(cfg.data.eval_batch_size or 2 * bs, device=device) % bs]  # the loaders' batch
     out: dict = {
         "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
@@ -156,10 +158,10 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     # The model alone. With torch.compile the first call compiles: its time less a step's.
     model.train()
-    first = timed(lambda: train_step(images, labels), 1)
-    timed(lambda: train_step(images, labels), b.warmup - 1)
+    first = timed(lambda: train_step(images, labels, truth), 1)
+    timed(lambda: train_step(images, labels, truth), b.warmup - 1)
     timer = StepTimer(device)
-    seconds = timed(lambda: train_step(images, labels, timer), b.steps)
+    seconds = timed(lambda: train_step(images, labels, truth, timer), b.steps)
     phases = timer.phases_ms()
     out["model_train_img_per_s"] = bs * b.steps / seconds
     out["compile_s"] = round(first - seconds / b.steps, 2) if t.compile else None
@@ -172,7 +174,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     def loop_step() -> None:
         batch = next(batches)
-        train_step(*to_device(batch.images, batch.labels, device, channels_last))
+        train_step(*to_device(batch.images, batch.labels, device, channels_last), batch.boxes.to(device))
 
     batches = iter(waited := DataWait(epochs()))
     timed(loop_step, b.warmup)
@@ -187,7 +189,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     def eval_step() -> None:
         with torch.no_grad(), autocast():
-            model(eval_images)
+            model(eval_images, truth[torch.arange(len(eval_images), device=device) % bs])
 
     timed(eval_step, b.warmup)
     out["model_eval_img_per_s"] = len(eval_images) * b.eval_steps / timed(eval_step, b.eval_steps)
@@ -200,7 +202,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     out["data_img_per_s"] = bs * b.steps / timed(lambda: next(batches), b.steps)
 
     # Costs: FLOPs per stage, and the selection + crop timed apart (cost.py), within the forward.
-    cost = measure_cost(model, images, labels, amp, reps=3)
+    cost = measure_cost(model, images, labels, amp, reps=3, truth=truth)
     select_crop = cost.get("select_ms", 0.0) + cost.get("crop_ms", 0.0)
     step_ms = sum(phases.values())
     out["step_ms"] = {

@@ -24,6 +24,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """A state dict as safetensors (tensors only: loading it runs no code), written atomically;
+    the temporary file is removed if the write fails."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

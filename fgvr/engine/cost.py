@@ -25,7 +25,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
 ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
-def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
+def stage_flops(model: FGVRModel, image: torch.Tensor, truth: torch.Tensor | None = None) -> dict[str, float]:
     """Forward GFLOPs per image of each stage (matmuls, convolutions and fused attention, as torch counts them)."""
 
     def count(fn: Callable):
@@ -40,7 +40,7 @@ def stage_flops(model: FGVRModel, image: torch.Tensor) -> dict[str, float]:
         out = {"first_pass": flops}
         crop_feat = texture_feat = boxes = None
         if model.selector is not None:
-            selection, out["selection"] = count(lambda: model.selector(tokens, x.shape[-2:]))
+            selection, out["selection"] = count(lambda: model.selector(tokens, x.shape[-2:], truth))
             crop_tokens, out["second_pass"] = count(lambda: model.second_pass(source, selection.boxes))
             crop_feat, boxes = crop_tokens.pooled, selection.boxes
         if model.texture is not None:
@@ -65,20 +65,22 @@ def _median_ms(fn: Callable, device: torch.device, reps: int, setup: Callable = 
 
 
 def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None,
-                 reps: int = 5) -> dict:
+                 reps: int = 5, truth: torch.Tensor | None = None) -> dict:
     """Stage FLOPs, the time of a training step (forward + backward) on this batch, of the
     selection alone (the selector's call on the first pass's tokens), of the crop of its boxes
     (the second pass's input) and of the texture branch
     alone (its regions, filters and statistics, forward + backward, on the first pass's tokens).
+    `truth`: the batch's ground-truth boxes (fractions of the image), for selector=oracle.
     Leaves no gradients behind."""
     device = images.device
     autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
-    cost: dict = {"gflops_per_image": stage_flops(model, images[:1]), "batch_size": len(images)}
+    truth = truth if truth is not None else images.new_full((len(images), 4), float("nan"), dtype=torch.float32)
+    cost: dict = {"gflops_per_image": stage_flops(model, images[:1], truth[:1]), "batch_size": len(images)}
     model.eval()  # no dropout, and batch-norm statistics stay as trained
 
     def step(_) -> None:
         with autocast():
-            logits, _ = model(images)
+            logits, _ = model(images, truth)
             F.cross_entropy(logits.float(), labels).backward()
 
     cost["step_ms"] = round(_median_ms(step, device, reps), 3)
@@ -92,12 +94,12 @@ def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, a
         def select(arg) -> None:
             _, tokens, hw = arg
             with autocast():
-                model.selector(tokens, hw)
+                model.selector(tokens, hw, truth)
 
         def crop_inputs():  # the crop source and the selector's boxes
             source, tokens, hw = first_pass()
             with torch.no_grad(), autocast():
-                return source, model.selector(tokens, hw).boxes
+                return source, model.selector(tokens, hw, truth).boxes
 
         def crop(arg) -> None:
             with autocast():
@@ -111,7 +113,7 @@ def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, a
         def texture_inputs():  # the first pass's tokens, and the selector's boxes for regions=glsim
             _, tokens, hw = first_pass()
             with torch.no_grad(), autocast():
-                boxes = model.selector(tokens, hw).boxes if model.selector is not None else None
+                boxes = model.selector(tokens, hw, truth).boxes if model.selector is not None else None
             return tokens, hw, boxes
 
         def texture(arg) -> None:

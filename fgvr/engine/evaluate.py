@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fgvr.config import EvalConfig
-from fgvr.data.dataset import Loaders, build_loaders
+from fgvr.data.dataset import Loaders, build_loaders, require_boxes
 from fgvr.engine import checkpoint
 from fgvr.engine.trainer import autocast_dtype, evaluate, resolve_device
 from fgvr.errors import ConfigError, DataError
@@ -64,6 +64,7 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None,
         raise DataError(f"data.root={run_cfg.data.root}: its classes differ from the {len(state['classes'])} "
                         f"the checkpoint was trained on; pass data_root= for the right data set")
     model = build_model(run_cfg, len(state["classes"])).to(dev)
+    require_boxes(model, loaders, run_cfg.data.name)
     weights = state["model"]
     if state.get("ema"):  # the run evaluated its EMA weights, and so does this
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvr.config import Precision
-from fgvr.data.dataset import DataWait, build_loaders
+from fgvr.data.dataset import DataWait, build_loaders, require_boxes
 from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
 from fgvr.engine.distributed import AnyRank, Dist
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # Keys a resumed run may change; any other difference means it is a different run.
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
                      "trainer.devices", "trainer.compile", "trainer.grad_checkpointing",
-                     "trainer.limit_eval_batches", "data.root", "data.num_workers", "data.eval_batch_size",
-                     "data.cache", "data.check_counts", "logger", "resume", "paths", "name")
+                     "trainer.limit_eval_batches", "trainer.export_backbone", "data.root", "data.num_workers",
+                     "data.eval_batch_size", "data.cache", "data.check_counts", "logger", "resume", "paths", "name")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -138,11 +138,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         if limit is not None and i >= limit:
             break
         images, labels = to_device(batch.images, batch.labels, device, channels_last)
+        fractions = batch.boxes.to(device, non_blocking=True)  # the ground truth, as fractions of the image
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits, extras = model(images)
+            logits, extras = model(images, fractions)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        truth = batch.boxes.to(device) * model.input_size
+        truth = fractions * model.input_size
         local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
                  for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
         totals[:9] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
@@ -236,6 +237,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                             scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size)
     num_classes = len(loaders.classes)
     model = build_model(cfg, num_classes).to(device)
+    require_boxes(model, loaders, cfg.data.name)
     seed_everything(cfg.seed + 1_000_003 * dist.rank, t.deterministic)  # each rank its own dropout, crops
     channels_last = device.type == "cuda" and not model.backbone.is_transformer
     if channels_last:
@@ -327,10 +329,11 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 if i >= steps_per_epoch * t.accum_steps:
                     break
                 images, labels = to_device(batch.images, batch.labels, device, channels_last)
+                boxes = batch.boxes.to(device, non_blocking=True)  # ground truth, read by selector=oracle only
                 sync = (i + 1) % t.accum_steps == 0  # DDP averages gradients only on the last micro-batch
                 with ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        logits, _ = forward(images)
+                        logits, _ = forward(images, boxes)
                         loss = criterion(logits.float(), labels)
                     scaler.scale(loss / t.accum_steps).backward()
                 sums[:2] += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
@@ -386,13 +389,21 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     cost = None
     if dist.is_main:  # one process's model on one batch: the other ranks need not wait for it
         batch = next(iter(loaders.train))
-        cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp)
+        cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp,
+                            truth=batch.boxes.to(device))
         log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"],
                  cost["step_ms"],
                  f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
                  if "select_ms" in cost else "",
                  f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
                  if "texture_ms" in cost else "")
+    backbone_weights = None
+    if t.export_backbone and dist.is_main:
+        backbone_weights = run.dir / "backbone.safetensors"
+        checkpoint.save_weights(eval_model.backbone.model.state_dict(), backbone_weights,
+                                {"timm_model": cfg.backbone.name, "img_size": str(cfg.data.img_size),
+                                 "kwargs": json.dumps(config["backbone"]["kwargs"]), "dataset": cfg.data.name})
+        log.info("backbone weights in timm's format (for backbone.checkpoint=): %s", backbone_weights)
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     timed_s = sum(s for _, s, _ in timed)
     return {
@@ -404,4 +415,5 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         "params_m": round(params_m, 3), "steps": step, "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
         "region_hit": test.get("region_hit"), "cost": cost,
+        "backbone_weights": str(backbone_weights) if backbone_weights else None,
     }

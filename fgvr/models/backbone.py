@@ -24,6 +24,7 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
         raise ConfigError(f"backbone.name={name} is not a timm model; list them with "
                           f"python -c \"import timm; print(timm.list_models('*vit*'))\"")
     if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).expanduser())
         if not Path(checkpoint).is_file():
             raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file")
         pretrained = True

@@ -36,3 +36,9 @@ def _sample_points(start: torch.Tensor, end: torch.Tensor, n: int) -> torch.Tens
     t = (torch.arange(n, device=start.device, dtype=start.dtype) + 0.5) / n
     offset = (t * length[..., None] - 0.5).clamp(min=0)
     return start[..., None] + torch.minimum(offset, length[..., None] - 1)
+
+
+def source_scale_of(crop_source: str, source_scale: float) -> float:
+    """How much larger than the input a region method needs the images: `source_scale` when it
+    crops the original resolution (crop_source=original), else 1 (it crops the input)."""
+    return float(source_scale) if crop_source == "original" else 1.0

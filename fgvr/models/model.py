@@ -22,7 +22,7 @@ from torch import nn
 from fgvr.data.transforms import Normalize
 from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
-from fgvr.models.crop import crop
+from fgvr.models.crop import crop, source_scale_of
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
 
@@ -30,10 +30,13 @@ from fgvr.models.texture import GaborTexture, Regions
 class FGVRModel(nn.Module):
     """uint8 images -> (logits, extras). Normalisation runs here, on the device.
 
-    Images arrive at `input_size` (S), or `selector.source_scale` times larger when the selector
-    crops from the original resolution; the first pass then sees them resized to S. `extras`
-    holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch `scores` (B, h, w),
-    and the texture branch's `regions` (B, K, 4) and `region_weights` (B, K)."""
+    Images arrive at `input_size` (S), or `source_scale` times larger when the selector or the
+    texture branch cuts its regions from the original resolution (`crop_source=original`); the
+    first pass then sees them resized to S, and a branch that reads the input crops the resized
+    view. `extras` holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch
+    `scores` (B, h, w), and the texture branch's `regions` (B, K, 4) and `region_weights` (B, K).
+    `truth`, the ground-truth boxes (B, 4) as fractions of the image, is read by
+    selector=oracle only."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, selector: Selector | None = None,
                  input_size: int = 224, texture: GaborTexture | None = None):
@@ -44,7 +47,13 @@ class FGVRModel(nn.Module):
         self.texture = texture
         self.head = head
         self.input_size = input_size
-        self.source_scale = selector.source_scale if selector is not None else 1.0
+        self.crop_scale = selector.source_scale if selector is not None else 1.0
+        self.texture_scale = texture.source_scale if texture is not None else 1.0
+        if min(self.crop_scale, self.texture_scale) > 1 and self.crop_scale != self.texture_scale:
+            raise ConfigError(f"selector.source_scale={self.crop_scale} and texture.source_scale="
+                              f"{self.texture_scale}: both crop the one larger copy the loaders deliver; "
+                              "set them equal")
+        self.source_scale = max(self.crop_scale, self.texture_scale)  # what the loaders deliver
         self.crop_size = (selector.crop_size if selector is not None else None) or input_size
         separate = selector is not None and selector.crop_cls == "separate" and backbone.has_cls_token
         self.crop_cls = nn.Parameter(backbone.model.cls_token.detach().clone()) if separate else None
@@ -56,20 +65,23 @@ class FGVRModel(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | extra
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crop source, network input): normalised, the input resized to S if it came larger."""
-        source = self.normalize(images)
-        return source, self.to_input(source)
+        """(the selector's crop source, network input): normalised, the input resized to S if it
+        came larger; the crop source is the larger copy when the selector asks for it, else the input."""
+        full = self.normalize(images)
+        x = self.to_input(full)
+        return (full if self.crop_scale > 1 else x), x
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Images at the loaders' size -> the network input size S (a no-op unless crop_source=original)."""
+        """Images at the loaders' size -> the network input size S (a no-op unless a branch reads
+        the original resolution)."""
         if self.source_scale == 1:
             return images
         return F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                              align_corners=False)
 
     def crops(self, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """The boxes (S-pixel coordinates) cut from the source and resized to the crop size."""
-        return crop(source, boxes * self.source_scale, self.crop_size)
+        """The boxes (S-pixel coordinates) cut from the crop source and resized to the crop size."""
+        return crop(source, boxes * self.crop_scale, self.crop_size)
 
     def first_pass(self, x: torch.Tensor) -> Tokens:
         if self.selector is None:
@@ -83,8 +95,12 @@ class FGVRModel(nn.Module):
 
     def texture_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B, K, 4) boxes (S-pixel coordinates) cut from the images (uint8 or 0-255 floats, at the
-        loaders' size) for the texture branch -> (B, K, C, region_size, region_size)."""
-        return self.texture.crops(images.float() / 255, boxes * self.source_scale)
+        loaders' size, or from their input-size view when texture.crop_source=input) for the
+        texture branch -> (B, K, C, region_size, region_size)."""
+        pixels = images.float() / 255
+        if self.texture_scale == 1:
+            pixels = self.to_input(pixels)
+        return self.texture.crops(pixels, boxes * self.texture_scale)
 
     def texture_pass(self, images: torch.Tensor, tokens: Tokens, image_hw: tuple[int, int],
                      boxes: torch.Tensor | None) -> tuple[torch.Tensor, Regions]:
@@ -93,12 +109,13 @@ class FGVRModel(nn.Module):
         regions = self.texture.regions(tokens, image_hw, boxes)
         return self.texture.encode(self.texture_crops(images, regions.boxes), regions.weights), regions
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, truth: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source, x = self.prepare(images)
         tokens = self.first_pass(x)
         global_feat, crop_feat, texture_feat, extras = tokens.pooled, None, None, {}
         if self.selector is not None:
-            selection: Selection = self.selector(tokens, x.shape[-2:])
+            selection: Selection = self.selector(tokens, x.shape[-2:], truth)
             crop_feat = self.second_pass(source, selection.boxes).pooled
             extras["boxes"] = selection.boxes
             if selection.scores is not None:
@@ -122,10 +139,10 @@ def build_selector(cfg: DictConfig) -> Selector | None:
 
 
 def source_scale(cfg: DictConfig) -> float:
-    """How much larger than data.img_size the loaders must deliver images: the selector's own
-    rule (selector.crop_source, source_scale), asked of the selector the config describes."""
-    selector = build_selector(cfg)
-    return selector.source_scale if selector is not None else 1.0
+    """How much larger than data.img_size the loaders must deliver images: the larger of what the
+    selector and the texture branch ask for (their crop_source and source_scale)."""
+    return max([source_scale_of(node.get("crop_source", "input"), node.get("source_scale", 2.0))
+                for node in (cfg.selector, cfg.texture) if node.get("_target_")], default=1.0)
 
 
 def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:

@@ -6,6 +6,7 @@ same way, so they compare on equal terms; they differ only in the scores:
 - `RandomSelector`: random scores (k random patches).
 - `CenterSelector`: no scores: a centred square with the area of GLSim's mean box.
 - `RolloutSelector`: attention rollout over all layers (needs attention probabilities).
+- `OracleSelector`: no scores: the ground-truth part box (an upper bound, for benchmarks).
 Selection runs without gradient. Crop settings (size, source, CLS token of the second pass)
 live here too, shared by every selector.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
+from fgvr.models.crop import source_scale_of
 
 BOX_ENDS = ("inclusive", "exclusive")
 METRICS = ("cos", "l1", "l2")
@@ -85,6 +87,7 @@ class Selector(nn.Module):
 
     name = "selector"
     needs_transformer = False
+    needs_boxes = False  # reads the ground-truth boxes (the oracle)
 
     def __init__(self, top_k: int = 8, box_end: str = "inclusive", crop_size: int | None = None,
                  crop_source: str = "input", source_scale: float = 2.0, crop_cls: str = "separate"):
@@ -100,7 +103,7 @@ class Selector(nn.Module):
             raise ConfigError(f"selector.source_scale={source_scale}: must be at least 1")
         self.top_k, self.box_end, self.crop_size = top_k, box_end, crop_size
         self.crop_cls = crop_cls
-        self.source_scale = source_scale if crop_source == "original" else 1.0
+        self.source_scale = source_scale_of(crop_source, source_scale)
 
     def scores(self, tokens: Tokens) -> torch.Tensor:
         """(B, h*w) patch scores; higher is more discriminative."""
@@ -112,7 +115,9 @@ class Selector(nn.Module):
         yield
 
     @torch.no_grad()
-    def forward(self, tokens: Tokens, image_hw: tuple[int, int]) -> Selection:
+    def forward(self, tokens: Tokens, image_hw: tuple[int, int], truth: torch.Tensor | None = None) -> Selection:
+        """Boxes for the images whose first pass gave `tokens`; `truth` (B, 4), the ground-truth
+        boxes as fractions of the image, is read by the oracle only."""
         scores = self.scores(tokens)
         boxes = topk_boxes(scores, tokens.grid_hw, tokens.stride_hw, image_hw, self.top_k, self.box_end)
         return Selection(boxes, scores.unflatten(-1, tokens.grid_hw))
@@ -152,7 +157,7 @@ class CenterSelector(GLSimSelector):
     name = "center"
 
     @torch.no_grad()
-    def forward(self, tokens: Tokens, image_hw: tuple[int, int]) -> Selection:
+    def forward(self, tokens: Tokens, image_hw: tuple[int, int], truth: torch.Tensor | None = None) -> Selection:
         glsim = super().forward(tokens, image_hw).boxes
         side = ((glsim[:, 2] - glsim[:, 0]) * (glsim[:, 3] - glsim[:, 1])).mean().sqrt()
         h, w = image_hw
@@ -160,6 +165,30 @@ class CenterSelector(GLSimSelector):
         centre = glsim.new_tensor([w / 2, h / 2])
         box = torch.cat([centre - half, centre + half])
         return Selection(box.expand(len(glsim), 4), None)
+
+
+class OracleSelector(Selector):
+    """Upper bound: the ground-truth box of each image (the part of data=synth_parts, the
+    object of CUB), at training and at evaluation, so a table shows how much a perfect selector
+    would gain. An image whose box the augmentation cut away is taken whole. Data without boxes
+    is refused before training (`needs_boxes`)."""
+
+    name = "oracle"
+    needs_boxes = True
+
+    def __init__(self, crop_size: int | None = None, crop_source: str = "input", source_scale: float = 2.0,
+                 crop_cls: str = "separate"):
+        super().__init__(crop_size=crop_size, crop_source=crop_source, source_scale=source_scale, crop_cls=crop_cls)
+
+    @torch.no_grad()
+    def forward(self, tokens: Tokens, image_hw: tuple[int, int], truth: torch.Tensor | None = None) -> Selection:
+        if truth is None:
+            raise ConfigError("selector=oracle crops the ground-truth boxes, and none were given (only labelled "
+                              "data with bounding boxes has them)")
+        h, w = image_hw
+        boxes = truth.float() * truth.new_tensor([w, h, w, h], dtype=torch.float32)
+        whole = boxes.new_tensor([0, 0, w, h]).expand_as(boxes)
+        return Selection(torch.where(boxes.isfinite().all(-1, keepdim=True), boxes, whole), None)
 
 
 class RolloutSelector(Selector):

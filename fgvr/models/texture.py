@@ -28,7 +28,7 @@ from torch import nn
 
 from fgvr.errors import ConfigError
 from fgvr.models.backbone import Tokens
-from fgvr.models.crop import crop
+from fgvr.models.crop import crop, source_scale_of
 from fgvr.models.selectors import box_iou
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey
@@ -320,22 +320,30 @@ class RegionGate(nn.Module):
 class GaborTexture(nn.Module):
     """The texture branch as the model uses it: `regions()` chooses the regions (the gate over
     proposals, or the GLSim box), `forward()` crops them from the image, encodes each and sums
-    them per image, weighted -> (B, in_features), to be fused as `fusion` says."""
+    them per image, weighted -> (B, in_features), to be fused as `fusion` says.
+
+    crop_source: `input` cuts the regions from the network input; `original` from a
+    `source_scale` times larger copy of the same view (the loader-side copy a selector with
+    crop_source=original reads too), so a zoomed region shows detail the input has lost."""
 
     def __init__(self, in_features: int, regions: str = "proposals", region_size: int = 112,
-                 channels: str = "gray", num_filters: int = 32, kernel_size: int = 11, stride: int = 2,
+                 crop_source: str = "input", source_scale: float = 2.0, channels: str = "gray", num_filters: int = 32, kernel_size: int = 11, stride: int = 2,
                  learnable: bool = True, split_bands: bool = True, levels: int = 8, learnable_histogram: bool = True,
                  dim: int = 64, attn_layers: int = 1, scales: tuple[float, ...] = (0.5, 0.75),
                  ratios: tuple[float, ...] = (1.0,), step: float = 0.25, top_k: int = 4, threshold: float = 0.25,
                  nms_iou: float = 0.5, gate: str = "soft", fusion: str = "add"):
         super().__init__()
         for key, value, choices in (("regions", regions, ("proposals", "glsim")),
+                                    ("crop_source", crop_source, ("input", "original")),
                                     ("channels", channels, ("gray", "rgb")), ("fusion", fusion, ("add", "token"))):
             if value not in choices:
                 raise ConfigError(f"texture.{key}={value}: choose one of {', '.join(choices)}")
         if region_size < kernel_size:
             raise ConfigError(f"texture.region_size={region_size}: must be at least texture.kernel_size={kernel_size}")
+        if source_scale < 1:
+            raise ConfigError(f"texture.source_scale={source_scale}: must be at least 1")
         self.regions_from, self.region_size, self.fusion = regions, region_size, fusion
+        self.source_scale = source_scale_of(crop_source, source_scale)
         self.gray = channels == "gray"
         self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
         self.encoder = TextureEncoder(in_features, 1 if self.gray else 3, num_filters, kernel_size, stride, learnable,

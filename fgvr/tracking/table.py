@@ -31,6 +31,9 @@ NEUTRAL = ("seed", "name", "paths", "logger", "resume", "hydra", "data.root", "d
 # The config choices results.json records, in the order they label a row.
 CHOICES = ("dataset", "backbone_config", "selector", "texture", "head")
 FORMATS = ("md", "csv", "latex", "json")
+# Choices that are no method but a bound: their rows say so, and are never the column's best
+# (csv and json keep the plain name).
+BOUNDS = {("selector", "oracle"): "oracle (upper bound)"}
 
 
 @dataclass
@@ -131,10 +134,14 @@ class Table:
     reference: dict[tuple[tuple, tuple], Reference] = field(default_factory=dict)
     reference_source: str = ""
 
+    def is_bound(self, row: tuple) -> bool:
+        return any((k, v) in BOUNDS for k, v in zip(self.row_keys, row))
+
     def best(self, col: tuple) -> set[tuple]:
-        """The rows with the highest mean in a column (all of them on a tie)."""
-        means = {r: self.cells[(r, col)].mean for r in self.rows if (r, col) in self.cells}
-        return {r for r, m in means.items() if m == max(means.values())}
+        """The rows with the highest mean in a column (all of them on a tie), bounds left out."""
+        means = {r: self.cells[(r, col)].mean for r in self.rows if (r, col) in self.cells and not self.is_bound(r)}
+        top = max(means.values(), default=None)
+        return {r for r, m in means.items() if m == top}
 
 
 def _value_key(value: Any) -> str:
@@ -214,6 +221,11 @@ def _label(values: tuple) -> str:
     return " / ".join("-" if v is None else str(v) for v in values)
 
 
+
+def _row_label(table: Table, row: tuple) -> str:
+    return _label(tuple(BOUNDS.get((k, v), v) for k, v in zip(table.row_keys, row)))
+
+
 def _number(cell: Cell | None, digits: int, pm: str = " ± ") -> str:
     if cell is None:
         return ""
@@ -228,7 +240,7 @@ def _body(table: Table, digits: int, pm: str, bold, published) -> list[list[str]
     number through `published`), extras."""
     lines = []
     for row in table.rows:
-        cells = [_label(row)]
+        cells = [_row_label(table, row)]
         for col in table.cols:
             text = _number(table.cells.get((row, col)), digits, pm)
             if text and len(table.rows) > 1 and row in table.best(col):
@@ -246,6 +258,9 @@ def _header(table: Table) -> list[str]:
 
 def _notes(table: Table) -> list[str]:
     notes = [f"cells: {table.metric}, mean ± sample std (runs) over seeds"]
+    if any(map(table.is_bound, table.rows)):
+        notes.append("oracle: the ground-truth box as the crop, at training and at test; an upper bound for "
+                     "the selectors, not a method")
     if table.varied:
         notes.append(f"kept apart because they varied between runs of one cell: {', '.join(table.varied)}")
     if table.reference_source:
@@ -344,7 +359,7 @@ def plot(table: Table, speed: Table, path: Path) -> int:
             if x is None or y is None:
                 continue
             ax.errorbar(x.mean, y.mean, xerr=x.std or 0, yerr=y.std or 0, fmt="o", capsize=3)
-            ax.annotate(_label(row), (x.mean, y.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(_row_label(table, row), (x.mean, y.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
             points += 1
         ax.set(xlabel=speed.metric, ylabel=table.metric, title=_label(col))
         ax.grid(alpha=0.3)

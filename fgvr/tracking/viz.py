@@ -103,11 +103,12 @@ def visualise(cfg: VizConfig) -> list[Path]:
     rows, paths = [], []
     for batch in split_loader(run, cfg.split):
         images = batch.images.to(run.device).float()
-        logits, extras = model(images)
-        shown = model.to_input(images).cpu()  # what the first pass saw, at the input size
+        logits, extras = model(images, batch.boxes.to(run.device))
+        shown = model.to_input(images)  # what the first pass saw, at the input size
         preds = logits.argmax(-1).cpu().tolist()
         boxes, scores = extras.get("boxes"), extras.get("scores")
-        crops = model.crops(images, boxes).cpu() if boxes is not None else None
+        crops = model.crops(images if model.crop_scale > 1 else shown, boxes).cpu() if boxes is not None else None
+        shown = shown.cpu()
         boxes = boxes.cpu().tolist() if boxes is not None else None
         scores = scores.float().cpu().numpy() if scores is not None else None
         truths = batch.boxes * model.input_size

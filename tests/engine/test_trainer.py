@@ -297,3 +297,36 @@ def test_data_workers_outlive_stop_signals_long_enough_for_the_save():
     assert worker.is_alive()
     worker.join(10)
     assert worker.exitcode == 128 + signal.SIGTERM
+
+
+def test_exported_backbone_loads_through_backbone_checkpoint_like_a_users_file(train_run, compose, tmp_path):
+    """trainer.export_backbone (the synth_pretrain recipe) writes the trained backbone in timm's
+    format; a downstream run loads it with backbone.checkpoint=, at another input size (position
+    embeddings resampled) and with its own head; a timm file with a classifier loads without it."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fgvr.models.model import build_model
+
+    results, run_dir = train_run("trainer.export_backbone=true", "trainer.epochs=1")
+    path = run_dir / "backbone.safetensors"
+    assert results["backbone_weights"] == str(path)
+    with safe_open(str(path), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata()["timm_model"] == "vit_tiny_patch16_224" and f.metadata()["img_size"] == "32"
+    trained = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+    assert saved.keys() == {k.removeprefix("backbone.model.") for k in trained if k.startswith("backbone.model.")}
+    assert all(torch.equal(v, trained[f"backbone.model.{k}"]) for k, v in saved.items())
+
+    with_head = tmp_path / "with_head.safetensors"  # as timm's ImageNet files come: a 1000-class classifier
+    save_file(saved | {"head.weight": torch.zeros(1000, 96), "head.bias": torch.zeros(1000)}, str(with_head))
+    for weights in (path, with_head):
+        cfg = compose(*TINY, f"backbone.checkpoint={weights}", "data.img_size=48")
+        model = build_model(cfg, num_classes=7)
+        vit = model.backbone.model
+        assert vit.pos_embed.shape == (1, 1 + 36, 96)  # 6 x 6 patches at 48 px, from 4 x 4 at 32 px
+        expected = timm.layers.resample_abs_pos_embed(saved["pos_embed"], (6, 6), num_prefix_tokens=1)
+        assert torch.allclose(vit.pos_embed, expected)
+        assert torch.equal(vit.blocks[3].mlp.fc2.weight, saved["blocks.3.mlp.fc2.weight"])
+        assert model.head.fc.out_features == 7 and not hasattr(vit.head, "weight")

@@ -14,6 +14,7 @@ from fgvr.models.model import FGVRModel
 from fgvr.models.selectors import (
     CenterSelector,
     GLSimSelector,
+    OracleSelector,
     RandomSelector,
     RolloutSelector,
     box_hit,
@@ -227,3 +228,37 @@ def test_vit_without_a_cls_token_compares_patches_with_the_pooled_vector():
     assert not backbone.has_cls_token and torch.equal(tokens.cls, tokens.pooled) and tokens.patches.shape[1] == 16
     model = FGVRModel(backbone, LinearHead(48, 3, num_inputs=2), GLSimSelector(), 32)
     assert model.crop_cls is None and model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0].shape == (2, 3)
+
+
+def test_oracle_crops_the_ground_truth_box_and_an_image_whose_box_is_gone_whole():
+    tokens = Tokens(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 16, 4), (4, 4), (8.0, 8.0))
+    truth = torch.tensor([[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.5, 0.25], [float("nan")] * 4])
+    boxes = OracleSelector()(tokens, (32, 64), truth).boxes
+    assert torch.equal(boxes, torch.tensor([[16.0, 16, 48, 32], [0, 0, 32, 8], [0, 0, 64, 32]]))
+    with pytest.raises(ConfigError, match="selector=oracle crops the ground-truth boxes, and none were given"):
+        OracleSelector()(tokens, (32, 32))
+
+
+def test_oracle_model_crops_the_truth_from_the_original_resolution():
+    torch.manual_seed(0)
+    backbone = Backbone("vit_tiny_patch16_224", img_size=32, kwargs=MICRO)
+    model = FGVRModel(backbone, LinearHead(48, 5, num_inputs=2),
+                      OracleSelector(crop_source="original", source_scale=2.0), 32).eval()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    truth = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.25, 0.5, 0.75]])
+    _, extras = model(images, truth)
+    assert torch.equal(extras["boxes"], truth * 32)
+    source, _ = model.prepare(images)
+    expected = torch.stack([source[0, :, 32:, 32:], source[1, :, 16:48, :32]])  # 32 px boxes of the 64 px copy
+    assert torch.allclose(model.crops(source, extras["boxes"]), expected, atol=1e-5)
+
+
+def test_oracle_refuses_data_without_boxes(train_run, tmp_path):
+    from fgvr.errors import DataError
+    from tests.conftest import write_cub
+
+    root = write_cub(tmp_path / "cub")
+    (root / "bounding_boxes.txt").unlink()
+    with pytest.raises(DataError, match=r"selector=oracle crops the ground-truth box, but (\d+) of \1 train images "
+                                        r"of data=cub have none"):
+        train_run("data=cub", f"data.root={root}", "selector=oracle", "data.val_fraction=0.15")

@@ -244,3 +244,27 @@ def test_glsim_regions_need_a_selector(compose):
 
     with pytest.raises(ConfigError, match="texture.regions=glsim"):
         build_model(compose(*TEXTURE, "texture.regions=glsim"), num_classes=3)
+
+
+def test_texture_regions_come_from_the_resolution_its_crop_source_names(compose):
+    """texture.crop_source=original cuts the regions from the loaders' larger copy; input from the
+    view the first pass sees (also when a selector made the loaders deliver the larger copy)."""
+    from fgvr.models.model import build_model, source_scale
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    boxes = torch.tensor([[[0, 0, 16, 16]], [[8, 8, 24, 24]]]).float()  # input (32 px) coordinates
+    pixels = images.float() / 255
+    luma = lambda x: (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # noqa: E731
+    original = compose(*TEXTURE, "texture.crop_source=original")
+    assert source_scale(original) == 2.0
+    model = build_model(original, num_classes=3)
+    assert torch.allclose(model.texture_crops(images, boxes), crop(luma(pixels), boxes * 2, 16), atol=1e-5)
+    with_selector = compose(*TEXTURE, "selector=glsim", "selector.crop_source=original")
+    model = build_model(with_selector, num_classes=3)
+    assert source_scale(with_selector) == 2.0 and model.texture_scale == 1.0
+    assert torch.allclose(model.texture_crops(images, boxes), crop(luma(model.to_input(pixels)), boxes, 16),
+                          atol=1e-5)
+    with pytest.raises(ConfigError, match="selector.source_scale=2.0 and texture.source_scale=4.0"):
+        build_model(compose(*TEXTURE, "selector=glsim", "selector.crop_source=original",
+                            "texture.crop_source=original", "texture.source_scale=4"), num_classes=3)

@@ -218,3 +218,14 @@ def test_a_real_sweep_end_to_end(tmp_path):
         assert row.startswith(f"| {selector} | ") and f"{cell.mean:.2f} ± {cell.std:.2f} (2)" in row, (row, accs)
     latex = fgvr("table", str(sweep), "--format", "latex", cwd=tmp_path).stdout
     assert r"\toprule" in latex and r"\bottomrule" in latex
+
+
+def test_the_oracle_row_is_labelled_an_upper_bound(tmp_path):
+    for job, (selector, acc) in enumerate([("none", 40.0), ("oracle", 99.0), ("glsim", 80.0)]):
+        write_run(tmp_path / str(job), selector, 1, acc, "synth_parts")
+    table = build_table([read_run_dir(p) for p in run_dirs([str(tmp_path)])], ["selector"], ["dataset"])
+    md = render(table, "md")
+    assert "| oracle (upper bound) | 99.00 (1) |" in md  # a bound, never the column's best
+    assert "| glsim | **80.00 (1)** |" in md
+    assert "oracle: the ground-truth box as the crop" in md
+    assert json.loads(render(table, "json"))["cells"][1]["row"] == ["oracle"]  # machine-readable: the plain name

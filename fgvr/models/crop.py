@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], antialias: int = 1) -> torch.Tensor:
     """Bilinear crops of `images` (B, C, H, W) at `boxes` (x1 y1 x2 y2, pixels): one box per image
     (B, 4) -> (B, C, *size), or K per image (B, K, 4) -> (B, K, C, *size).
 
     Sampling follows `F.interpolate(image[:, y1:y2, x1:x2], size, mode="bilinear")` (half-pixel
     centres, samples clamped to the box), so for whole-pixel boxes it equals cropping each image
     and resizing it; but it is one op for the batch, on the batch's device, with no host sync
-    (the K crops of an image are sampled as one tall grid, without copying the image)."""
+    (the K crops of an image are sampled as one tall grid, without copying the image).
+
+    `antialias` > 1 samples an antialias x antialias grid inside every output pixel and averages
+    it (a box filter over the pixel's footprint), so a box shrunk up to that many times does not
+    alias detail finer than the crop can hold into false coarse patterns (`crop_antialias`)."""
     oh, ow = (size, size) if isinstance(size, int) else size
+    if antialias > 1:
+        fine = crop(images, boxes, (oh * antialias, ow * antialias))
+        return F.avg_pool2d(fine.flatten(0, -3), antialias).unflatten(0, fine.shape[:-2])
     H, W = images.shape[-2:]
     single = boxes.ndim == 2
     boxes = (boxes[:, None] if single else boxes).to(images.dtype if images.is_floating_point() else torch.float32)
@@ -42,3 +51,9 @@ def source_scale_of(crop_source: str, source_scale: float) -> float:
     """How much larger than the input a region method needs the images: `source_scale` when it
     crops the original resolution (crop_source=original), else 1 (it crops the input)."""
     return float(source_scale) if crop_source == "original" else 1.0
+
+
+def crop_antialias(source_side: float, crop_side: int, limit: int = 4) -> int:
+    """Samples per output pixel and axis for crops of up to `source_side` pixels into
+    `crop_side`: the largest shrink (rounded up, at most `limit`), 1 when crops never shrink."""
+    return max(1, min(limit, math.ceil(source_side / crop_side - 1e-6)))

@@ -22,7 +22,7 @@ from torch import nn
 from fgvr.data.transforms import Normalize
 from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
-from fgvr.models.crop import crop, source_scale_of
+from fgvr.models.crop import crop, crop_antialias, source_scale_of
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
 
@@ -55,6 +55,10 @@ class FGVRModel(nn.Module):
                               "set them equal")
         self.source_scale = max(self.crop_scale, self.texture_scale)  # what the loaders deliver
         self.crop_size = (selector.crop_size if selector is not None else None) or input_size
+        # Crops shrunk from the larger copy (or to a crop size under the input's) are antialiased.
+        self.crop_antialias = crop_antialias(self.crop_scale * input_size, self.crop_size)
+        self.texture_antialias = crop_antialias(self.texture_scale * input_size, texture.region_size) \
+            if texture is not None else 1
         separate = selector is not None and selector.crop_cls == "separate" and backbone.has_cls_token
         self.crop_cls = nn.Parameter(backbone.model.cls_token.detach().clone()) if separate else None
 
@@ -81,7 +85,7 @@ class FGVRModel(nn.Module):
 
     def crops(self, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """The boxes (S-pixel coordinates) cut from the crop source and resized to the crop size."""
-        return crop(source, boxes * self.crop_scale, self.crop_size)
+        return crop(source, boxes * self.crop_scale, self.crop_size, self.crop_antialias)
 
     def first_pass(self, x: torch.Tensor) -> Tokens:
         if self.selector is None:
@@ -100,7 +104,7 @@ class FGVRModel(nn.Module):
         pixels = images.float() / 255
         if self.texture_scale == 1:
             pixels = self.to_input(pixels)
-        return self.texture.crops(pixels, boxes * self.texture_scale)
+        return self.texture.crops(pixels, boxes * self.texture_scale, self.texture_antialias)
 
     def texture_pass(self, images: torch.Tensor, tokens: Tokens, image_hw: tuple[int, int],
                      boxes: torch.Tensor | None) -> tuple[torch.Tensor, Regions]:

@@ -359,11 +359,12 @@ class GaborTexture(nn.Module):
             return self.gate(tokens, image_hw)
         return Regions(glsim_boxes[:, None], glsim_boxes.new_ones(len(glsim_boxes), 1), None)
 
-    def crops(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels in [0, 1] and (B, K, 4) boxes in their coordinates -> (B, K, C, S, S)."""
+    def crops(self, pixels: torch.Tensor, boxes: torch.Tensor, antialias: int = 1) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] and (B, K, 4) boxes in their coordinates -> (B, K, C, S, S)
+        (`antialias`: see crop)."""
         with torch.autocast(pixels.device.type, enabled=False):
             image = (pixels.float() * self.luma).sum(1, keepdim=True) if self.gray else pixels.float()
-            return crop(image, boxes.float(), self.region_size)
+            return crop(image, boxes.float(), self.region_size, antialias)
 
     def encode(self, crops: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(B, K, C, S, S) region crops and their (B, K) weights -> the weighted sum (B, D)."""

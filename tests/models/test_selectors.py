@@ -245,12 +245,14 @@ def test_oracle_model_crops_the_truth_from_the_original_resolution():
     model = FGVRModel(backbone, LinearHead(48, 5, num_inputs=2),
                       OracleSelector(crop_source="original", source_scale=2.0), 32).eval()
     images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
-    truth = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.25, 0.5, 0.75]])
+    truth = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.25, 0.5, 0.75]])
     _, extras = model(images, truth)
     assert torch.equal(extras["boxes"], truth * 32)
     source, _ = model.prepare(images)
-    expected = torch.stack([source[0, :, 32:, 32:], source[1, :, 16:48, :32]])  # 32 px boxes of the 64 px copy
-    assert torch.allclose(model.crops(source, extras["boxes"]), expected, atol=1e-5)
+    assert source.shape[-1] == 64 and model.crop_antialias == 2
+    crops = model.crops(source, extras["boxes"])
+    assert torch.allclose(crops[0], F.avg_pool2d(source[:1], 2)[0], atol=1e-5)  # the whole 64 px copy, shrunk 2x
+    assert torch.allclose(crops[1], crop(source[1:], torch.tensor([[0.0, 16, 32, 48]]), 32, 2)[0], atol=1e-6)
 
 
 def test_oracle_refuses_data_without_boxes(train_run, tmp_path):
@@ -262,3 +264,18 @@ def test_oracle_refuses_data_without_boxes(train_run, tmp_path):
     with pytest.raises(DataError, match=r"selector=oracle crops the ground-truth box, but (\d+) of \1 train images "
                                         r"of data=cub have none"):
         train_run("data=cub", f"data.root={root}", "selector=oracle", "data.val_fraction=0.15")
+
+
+def test_crops_shrunk_from_the_larger_copy_are_antialiased():
+    """A grating finer than the crop's pixels fades to its mean instead of aliasing into a coarse
+    one; a whole-image crop shrunk exactly 4x is the 4x4 area mean; the reference setting (crop
+    from the input at the input size) samples plain bilinear."""
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    images = (0.5 + 0.5 * torch.sin(2 * math.pi * 0.3 * (xx * math.cos(0.5) + yy * math.sin(0.5))))[None, None]
+    box = torch.tensor([[0.0, 0.0, 192.0, 192.0]])  # shrunk 3x into 64 px
+    assert crop(images, box, 64).std() > 0.25  # plain bilinear sampling: a false coarse grating
+    assert crop(images, box, 64, antialias=4).std() < 0.06
+    whole = torch.tensor([[0.0, 0.0, 256.0, 256.0]])
+    assert torch.allclose(crop(images, whole, 64, antialias=4), F.avg_pool2d(images, 4), atol=1e-6)
+    assert glsim_model(crop_source="original", source_scale=4.0).crop_antialias == 4
+    assert glsim_model().crop_antialias == 1

@@ -4,19 +4,22 @@
 # rollout} x backbones {vit_micro from scratch, vit_micro_synth (pretrained on a disjoint
 # synthetic task), resnet_micro} x seeds, plus the Gabor texture branch on resnet_micro; then
 # the table of test accuracy, crop IoU / hit, region IoU and train img/s.
-#   scripts/selector_benchmark.sh [OUT_DIR] [more overrides for every run...]
+#   scripts/selector_benchmark.sh OUT_DIR [overrides for every run, the pretraining too...]
 # SEEDS (default 1,10,100) picks the seeds. The pretrained weights are made once (a few minutes)
 # into ${FGVR_CACHE_DIR:-~/.cache/fgvr}/pretrained/vit_micro_synth.safetensors and reused.
 # On 2 CPU cores the whole benchmark takes about an hour and a half.
 set -euo pipefail
-out=${1:-outputs/selector_benchmark/$(date +%Y-%m-%d_%H-%M-%S)}
-shift $(( $# > 0 ? 1 : 0 ))
+if [ $# -lt 1 ] || [[ $1 == *=* ]]; then
+  echo "usage: $0 OUT_DIR [overrides...]  (e.g. $0 outputs/selector_benchmark trainer.device=cuda)" >&2
+  exit 2
+fi
+out=$1
+shift
 seeds=${SEEDS:-1,10,100}
-cache=${FGVR_CACHE_DIR:-$HOME/.cache/fgvr}
-weights=$cache/pretrained/vit_micro_synth.safetensors
+weights=${FGVR_CACHE_DIR:-$HOME/.cache/fgvr}/pretrained/vit_micro_synth.safetensors
 
 if [ ! -f "$weights" ]; then
-  fgvr train +experiment=synth_pretrain hydra.run.dir="$out/synth_pretrain"
+  fgvr train +experiment=synth_pretrain hydra.run.dir="$out/synth_pretrain" "$@"
   mkdir -p "$(dirname "$weights")"
   cp "$out/synth_pretrain/backbone.safetensors" "$weights.tmp$$" && mv "$weights.tmp$$" "$weights"
 fi
@@ -27,7 +30,8 @@ sweep() {  # a sweep dir under $out, then the overrides
   fgvr train --multirun +experiment=synth_parts "seed=$seeds" hydra.sweep.dir="$out/$dir" "$@"
 }
 sweep vit_micro backbone=vit_micro selector=none,oracle,random,center,glsim,rollout "$@"
-sweep vit_micro_synth backbone=vit_micro_synth selector=none,oracle,random,center,glsim,rollout "$@"
+sweep vit_micro_synth backbone=vit_micro_synth backbone.checkpoint="$weights" \
+  selector=none,oracle,random,center,glsim,rollout "$@"
 sweep resnet_micro backbone=resnet_micro selector=none,oracle,random,center,glsim "$@"  # rollout needs a ViT
 sweep resnet_micro_gabor backbone=resnet_micro texture=gabor "$@"
 

@@ -221,3 +221,30 @@ def test_a_failed_job_is_one_line():
               "check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /s/.submitit/20_1/20_1_0_"
               "log.err\n  - /s/.submitit/20_1/20_1_0_log.out")
     assert _job_error(raised) == "SLURM job 20_1 failed: ValueError: seed=x is not an int; logs: /s/.submitit/20_1"
+
+
+@pytest.mark.slow
+def test_selector_benchmark_script(tmp_path):
+    """scripts/selector_benchmark.sh on a miniature synth_parts (one seed, one batch a run), with
+    the pretrained weights already cached: every sweep runs and the table has the selector x
+    texture rows and a column per backbone."""
+    from fgvr.engine.checkpoint import save_weights
+    from fgvr.models.backbone import Backbone
+
+    cache = tmp_path / "cache"
+    vit = Backbone("vit_tiny_patch16_224", img_size=64, kwargs=dict(depth=4, embed_dim=96, num_heads=3, patch_size=8))
+    save_weights(vit.model.state_dict(), cache / "pretrained" / "vit_micro_synth.safetensors", {})
+    env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}", "SEEDS": "1", "FGVR_CACHE_DIR": str(cache)}
+    out = tmp_path / "bench"
+    proc = subprocess.run([str(REPO / "scripts" / "selector_benchmark.sh"), str(out), "trainer.epochs=1",
+                           "trainer.limit_train_batches=1", "optim.warmup_steps=0", "data.batch_size=8",
+                           "data.num_workers=0", "data.synth.train_per_class=4", "data.synth.test_per_class=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == ("| selector / texture | vit_micro | resnet_micro | vit_micro_synth | crop_iou | crop_hit | "
+                        "region_iou | train_img_per_s |")
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:9]]
+    assert rows == ["none / none", "oracle (upper bound) / none", "random / none", "center / none", "glsim / none",
+                    "rollout / none", "none / gabor"]
+    assert not (out / "synth_pretrain").exists()  # the cached weights were reused

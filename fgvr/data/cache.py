@@ -89,7 +89,7 @@ class _Decode(Dataset):
 
 def cache_key(paths: np.ndarray, side: int) -> str:
     """A digest of the size and every file's path, size and modification time (missing files too)."""
-    digest = hashlib.sha1(f"decoded-v1 {side}\n".encode())
+    digest = hashlib.sha1(f"decoded-v2 {side}\n".encode())  # v2: area-averaged shrinking
     for p in paths:
         try:
             st = os.stat(p)

@@ -141,7 +141,7 @@ def render_parts(rng: np.random.Generator, label: int, cfg: SynthConfig) -> tupl
             centres.append(c)
     grey = np.float32(0.55)
     for cx, cy in centres[1:]:
-        group, theta = classes[rng.integers(len(classes))]
+        _, theta = classes[rng.integers(len(classes))]
         colour = grey + cfg.distractor_similarity * (PART_HUES[rng.integers(cfg.groups)] - grey)
         _disc(img, cx, cy, r, theta, cfg.detail_freq, colour, rng)
     (cx, cy), (group, theta) = centres[0], classes[label]

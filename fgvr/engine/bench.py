@@ -189,7 +189,7 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
 
     def eval_step() -> None:
         with torch.no_grad(), autocast():
-            model(eval_images, truth[torch.arange(len(eval_images), device=device) % bs])
+            model(eval_images, truth[:1].expand(len(eval_images), 4))
 
     timed(eval_step, b.warmup)
     out["model_eval_img_per_s"] = len(eval_images) * b.eval_steps / timed(eval_step, b.eval_steps)

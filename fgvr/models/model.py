@@ -77,11 +77,11 @@ class FGVRModel(nn.Module):
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images at the loaders' size -> the network input size S (a no-op unless a branch reads
-        the original resolution)."""
+        the original resolution), shrunk by averaging pixel areas as the loaders' own resize does,
+        so the first pass sees the view a run without the larger copy sees."""
         if self.source_scale == 1:
             return images
-        return F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                             align_corners=False)
+        return F.interpolate(images, size=(self.input_size, self.input_size), mode="area")
 
     def crops(self, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """The boxes (S-pixel coordinates) cut from the crop source and resized to the crop size."""

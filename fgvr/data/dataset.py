@@ -181,7 +181,9 @@ def require_boxes(model, loaders: Loaders, name: str) -> None:
     selector = getattr(model, "selector", None)
     if selector is None or not selector.needs_boxes:
         return
-    for split, loader in (("train", loaders.train), ("test", loaders.test)):
+    for split, loader in (("train", loaders.train), ("val", loaders.val), ("test", loaders.test)):
+        if loader is None:
+            continue
         boxes = loader.dataset.records.boxes
         missing = int((~np.isfinite(boxes).all(-1)).sum())
         if missing:

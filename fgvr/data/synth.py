@@ -46,7 +46,8 @@ def class_grid(num_classes: int) -> list[tuple[float, float]]:
 
 
 def _kind(cfg: SynthConfig) -> SynthKind:
-    return SynthKind(getattr(cfg.kind, "value", cfg.kind))
+    kind = getattr(cfg, "kind", None) or SynthKind.discs  # configs of runs made before kind=parts have none
+    return SynthKind(getattr(kind, "value", kind))
 
 
 def synth_root(cache_dir: str | Path, cfg: SynthConfig) -> Path:

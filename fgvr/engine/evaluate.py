@@ -52,6 +52,11 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None,
     run_cfg = OmegaConf.create(state["config"])
     run_cfg.backbone.pretrained = False  # the weights come from the checkpoint, not the hub
     run_cfg.backbone.checkpoint = None
+    texture, selector = run_cfg.get("texture") or {}, run_cfg.get("selector") or {}
+    if texture.get("_target_") and "crop_source" not in texture:
+        # Runs made before texture.crop_source: the branch cut its regions where the selector did.
+        texture.crop_source = selector.get("crop_source", "input") if selector.get("_target_") else "input"
+        texture.source_scale = selector.get("source_scale", 2.0)
     if data_root is not None:
         run_cfg.data.root = data_root
     if batch_size is not None:

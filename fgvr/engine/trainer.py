@@ -100,6 +100,16 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def has_key(config: dict, key: str) -> bool:
+    """Whether a nested config container holds the dotted `key`."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.pt"
     if resume == "auto":
@@ -192,8 +202,13 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     ckpt_path = find_checkpoint(cfg.resume, run.dir)
     state = checkpoint.load(ckpt_path) if ckpt_path else None
     if state is not None:
-        changed = [k for k in config_diff(state["config"], config)
-                   if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+        diff = config_diff(state["config"], config)
+        newer = [k for k in diff if not has_key(state["config"], k)]  # options added to fgvr since the run began
+        if newer:
+            log.warning("%s predates the options %s: the run goes on with their values now", ckpt_path,
+                        ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in newer))
+        changed = [k for k in diff if k not in newer
+                   and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
         if changed:
             raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
                               "the same config, or start a new run with another hydra.run.dir")

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fgvr.errors import ConfigError
+
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], antialias: int = 1) -> torch.Tensor:
     """Bilinear crops of `images` (B, C, H, W) at `boxes` (x1 y1 x2 y2, pixels): one box per image
@@ -51,6 +53,15 @@ def source_scale_of(crop_source: str, source_scale: float) -> float:
     """How much larger than the input a region method needs the images: `source_scale` when it
     crops the original resolution (crop_source=original), else 1 (it crops the input)."""
     return float(source_scale) if crop_source == "original" else 1.0
+
+
+def loader_scale(crop_scale: float, texture_scale: float) -> float:
+    """How much larger than the input the loaders deliver images for a selector and a texture
+    branch with these source scales: the one larger copy both crop (their scales must agree)."""
+    if min(crop_scale, texture_scale) > 1 and crop_scale != texture_scale:
+        raise ConfigError(f"selector.source_scale={crop_scale} and texture.source_scale={texture_scale}: both "
+                          "crop the one larger copy the loaders deliver; set them equal")
+    return max(crop_scale, texture_scale)
 
 
 def crop_antialias(source_side: float, crop_side: int, limit: int = 4) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from fgvr.data.transforms import Normalize
 from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
-from fgvr.models.crop import crop, crop_antialias, source_scale_of
+from fgvr.models.crop import crop, crop_antialias, loader_scale, source_scale_of
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
 
@@ -49,11 +49,7 @@ class FGVRModel(nn.Module):
         self.input_size = input_size
         self.crop_scale = selector.source_scale if selector is not None else 1.0
         self.texture_scale = texture.source_scale if texture is not None else 1.0
-        if min(self.crop_scale, self.texture_scale) > 1 and self.crop_scale != self.texture_scale:
-            raise ConfigError(f"selector.source_scale={self.crop_scale} and texture.source_scale="
-                              f"{self.texture_scale}: both crop the one larger copy the loaders deliver; "
-                              "set them equal")
-        self.source_scale = max(self.crop_scale, self.texture_scale)  # what the loaders deliver
+        self.source_scale = loader_scale(self.crop_scale, self.texture_scale)  # what the loaders deliver
         self.crop_size = (selector.crop_size if selector is not None else None) or input_size
         # Crops shrunk from the larger copy (or to a crop size under the input's) are antialiased.
         self.crop_antialias = crop_antialias(self.crop_scale * input_size, self.crop_size)
@@ -73,7 +69,11 @@ class FGVRModel(nn.Module):
         came larger; the crop source is the larger copy when the selector asks for it, else the input."""
         full = self.normalize(images)
         x = self.to_input(full)
-        return (full if self.crop_scale > 1 else x), x
+        return self.selector_source(full, x), x
+
+    def selector_source(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the selector's crops are cut from: the images as loaded, or their input-size view."""
+        return full if self.crop_scale > 1 else x
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images at the loaders' size -> the network input size S (a no-op unless a branch reads
@@ -145,8 +145,9 @@ def build_selector(cfg: DictConfig) -> Selector | None:
 def source_scale(cfg: DictConfig) -> float:
     """How much larger than data.img_size the loaders must deliver images: the larger of what the
     selector and the texture branch ask for (their crop_source and source_scale)."""
-    return max([source_scale_of(node.get("crop_source", "input"), node.get("source_scale", 2.0))
-                for node in (cfg.selector, cfg.texture) if node.get("_target_")], default=1.0)
+    crop_scale, texture_scale = (source_scale_of(node.get("crop_source", "input"), node.get("source_scale", 2.0))
+                                 if node.get("_target_") else 1.0 for node in (cfg.selector, cfg.texture))
+    return loader_scale(crop_scale, texture_scale)
 
 
 def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:

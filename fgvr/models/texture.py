@@ -327,7 +327,8 @@ class GaborTexture(nn.Module):
     crop_source=original reads too), so a zoomed region shows detail the input has lost."""
 
     def __init__(self, in_features: int, regions: str = "proposals", region_size: int = 112,
-                 crop_source: str = "input", source_scale: float = 2.0, channels: str = "gray", num_filters: int = 32, kernel_size: int = 11, stride: int = 2,
+                 crop_source: str = "input", source_scale: float = 2.0, channels: str = "gray",
+                 num_filters: int = 32, kernel_size: int = 11, stride: int = 2,
                  learnable: bool = True, split_bands: bool = True, levels: int = 8, learnable_histogram: bool = True,
                  dim: int = 64, attn_layers: int = 1, scales: tuple[float, ...] = (0.5, 0.75),
                  ratios: tuple[float, ...] = (1.0,), step: float = 0.25, top_k: int = 4, threshold: float = 0.25,

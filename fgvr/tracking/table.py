@@ -221,7 +221,6 @@ def _label(values: tuple) -> str:
     return " / ".join("-" if v is None else str(v) for v in values)
 
 
-
 def _row_label(table: Table, row: tuple) -> str:
     return _label(tuple(BOUNDS.get((k, v), v) for k, v in zip(table.row_keys, row)))
 

@@ -107,7 +107,7 @@ def visualise(cfg: VizConfig) -> list[Path]:
         shown = model.to_input(images)  # what the first pass saw, at the input size
         preds = logits.argmax(-1).cpu().tolist()
         boxes, scores = extras.get("boxes"), extras.get("scores")
-        crops = model.crops(images if model.crop_scale > 1 else shown, boxes).cpu() if boxes is not None else None
+        crops = model.crops(model.selector_source(images, shown), boxes).cpu() if boxes is not None else None
         shown = shown.cpu()
         boxes = boxes.cpu().tolist() if boxes is not None else None
         scores = scores.float().cpu().numpy() if scores is not None else None

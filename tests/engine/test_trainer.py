@@ -330,3 +330,27 @@ def test_exported_backbone_loads_through_backbone_checkpoint_like_a_users_file(t
         assert torch.allclose(vit.pos_embed, expected)
         assert torch.equal(vit.blocks[3].mlp.fc2.weight, saved["blocks.3.mlp.fc2.weight"])
         assert model.head.fc.out_features == 7 and not hasattr(vit.head, "weight")
+
+
+def test_runs_made_before_the_newer_options_evaluate_and_resume(train_run, tmp_path):
+    """A checkpoint whose config predates data.synth.kind, the parts knobs, texture.crop_source and
+    trainer.export_backbone: eval rebuilds it as it ran (the texture branch cutting where the
+    selector cut), and relaunching it resumes instead of refusing the new keys as other settings."""
+    from fgvr.engine.evaluate import load_run
+
+    options = ["selector=glsim", "selector.crop_source=original", "texture=gabor", "texture.region_size=16",
+               "texture.num_filters=4", "texture.kernel_size=7", "texture.dim=16"]
+    first, run_dir = train_run(*options, "trainer.epochs=1", run_dir=tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    for key in ("kind", "groups", "part_size", "detail_freq", "distractor_similarity"):
+        del state["config"]["data"]["synth"][key]
+    for key in ("crop_source", "source_scale"):
+        del state["config"]["texture"][key]
+    del state["config"]["trainer"]["export_backbone"]
+    checkpoint.atomic_save(state, last)
+
+    run = load_run(str(run_dir))
+    assert run.model.texture_scale == 2.0 and run.model.crop_scale == 2.0
+    resumed, _ = train_run(*options, "trainer.epochs=2", run_dir=run_dir)
+    assert resumed["status"] == "finished" and resumed["steps"] == 2 * first["steps"]

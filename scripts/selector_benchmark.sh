@@ -35,6 +35,6 @@ sweep vit_micro_synth backbone=vit_micro_synth backbone.checkpoint="$weights" \
 sweep resnet_micro backbone=resnet_micro selector=none,oracle,random,center,glsim "$@"  # rollout needs a ViT
 sweep resnet_micro_gabor backbone=resnet_micro texture=gabor "$@"
 
-fgvr table "$out" --rows selector,texture --cols backbone_config \
-  --extra crop_iou,crop_hit,region_iou,train_img_per_s --out "$out/table.md"
+fgvr table "$out" --rows backbone_config,selector,texture --extra crop_iou,crop_hit,region_iou,train_img_per_s \
+  --out "$out/table.md"
 cat "$out/table.md"

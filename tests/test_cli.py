@@ -242,9 +242,13 @@ def test_selector_benchmark_script(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "table.md").read_text().splitlines()
-    assert table[0] == ("| selector / texture | vit_micro | resnet_micro | vit_micro_synth | crop_iou | crop_hit | "
-                        "region_iou | train_img_per_s |")
-    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:9]]
-    assert rows == ["none / none", "oracle (upper bound) / none", "random / none", "center / none", "glsim / none",
-                    "rollout / none", "none / gabor"]
+    assert table[0] == ("| backbone_config / selector / texture | synth_parts | crop_iou | crop_hit | region_iou | "
+                        "train_img_per_s |")
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:20]]
+    selectors = ["none", "oracle (upper bound)", "random", "center", "glsim"]
+    vit = [*selectors, "rollout"]
+    assert rows == ([f"vit_micro / {s} / none" for s in vit]  # sweep dirs in the order of their names' lengths
+                    + [f"resnet_micro / {s} / none" for s in selectors]
+                    + [f"vit_micro_synth / {s} / none" for s in vit] + ["resnet_micro / none / gabor"])
+    assert all(line.endswith("|") and "(1)" in line for line in table[2:20])
     assert not (out / "synth_pretrain").exists()  # the cached weights were reused

@@ -56,7 +56,8 @@ def test_bench_out_and_a_given_peak(compose_bench, tmp_path, capsys):
     out = bench(compose_bench("bench.peak_tflops=1.0", f"bench.out={tmp_path / 'new' / 'b.json'}"))
     assert out == json.loads((tmp_path / "new" / "b.json").read_text())  # its folder made
     assert "train, whole loop" in capsys.readouterr().out
-    assert out["mfu_pct"] == pytest.approx(100 * out["train_tflops"], rel=0.01)  # against the given peak
+    # against the given peak; train_tflops is rounded to 4 decimals, which on a slow CPU is most of it
+    assert out["mfu_pct"] == pytest.approx(100 * out["train_tflops"], rel=0.01, abs=0.006)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -89,7 +89,6 @@ def data_config(name: str, root: str | None, overrides: list[str]):
         cfg.root = str(Path(root).expanduser().resolve())
     elif cfg.root is None and cfg.synth is None:
         raise ConfigError(f"{name}: pass --root DIR, the data set's folder")
-    cfg.check_counts = False  # this command reports what a check would fail on, rather than failing
     return cfg
 
 
@@ -113,7 +112,8 @@ def check(cfg, workers: int | None) -> tuple[dict, bool]:
 
     from fgvr.data.check import check as check_images
 
-    report = check_images(cfg.name, str(cfg.root), _splits(cfg), cfg.level, workers, progress=True)
+    report = check_images(cfg.name, str(cfg.root), _splits(cfg), cfg.level, workers, progress=True,
+                          counts=cfg.check_counts)
     print(report.format())
     return asdict(report) | {"ok": report.ok}, report.ok
 

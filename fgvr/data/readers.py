@@ -8,7 +8,9 @@ NaN where unknown. `read_splits` picks the reader a data config names.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +56,61 @@ def make_records(paths: list[str], labels: list[int], boxes: list | None = None)
     return Records(np.asarray(paths, dtype=str), np.asarray(labels, np.int64), box_arr)
 
 
-def _table(path: Path, columns: int, hint: str) -> list[list[str]]:
-    """Rows of a whitespace-separated annotation file, each with at least `columns` fields."""
+def read_text(path: Path, hint: str) -> str:
+    """An annotation file's text (UTF-8, a byte-order mark dropped), with one-line errors that name the file
+    when it is missing, unreadable or not UTF-8."""
     if not path.is_file():
         raise DataError(f"{path}: file not found; {hint}")
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); {hint}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x} at column "
+                        f"{e.start - start + 1}); re-extract the file or convert it to UTF-8") from None
+
+
+def malformed(path: Path, lineno: int, expected: str, line: str) -> DataError:
+    """The one-line error for a line of an annotation file that is not what its format says."""
+    shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+    return DataError(f"{path}, line {lineno}: expected {expected}, got {shown!r}")
+
+
+def _flag(s: str) -> bool:
+    if s not in ("0", "1"):
+        raise ValueError(s)
+    return s == "1"
+
+
+_KINDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), _flag: ("0 or 1", "each 0 or 1")}
+
+
+def _table(path: Path, hint: str, /, **fields: Callable) -> list[list]:
+    """The rows of a whitespace-separated annotation file, blank and '#' lines skipped: the named fields of
+    each line, converted (str, int, float or _flag). A last str field takes the rest of the line (a name
+    with spaces); otherwise fields past the named ones are ignored."""
+    kinds = list(fields.values())
+    rest = kinds[-1] is str
+    typed = []  # e.g. "class_id an integer", "x, y numbers"
+    for kind, (one, many) in _KINDS.items():
+        names = [name for name, k in fields.items() if k is kind]
+        if names:
+            typed.append(f"{', '.join(names)} {one if len(names) == 1 else many}")
+    expected = "'" + " ".join(f"<{name}>" for name in fields) + "'" + (f" ({'; '.join(typed)})" if typed else "")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    for lineno, line in enumerate(read_text(path, hint).splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = line.split(maxsplit=columns - 1) if columns == 2 else line.split()
-        if len(fields) < columns:
-            raise DataError(f"{path}:{lineno}: expected {columns} fields, got {line!r}")
-        rows.append(fields)
+        values = line.split(maxsplit=len(kinds) - 1) if rest else line.split()
+        try:
+            if len(values) < len(kinds):
+                raise ValueError(line)
+            rows.append([kind(v) for kind, v in zip(kinds, values)])
+        except ValueError:
+            raise malformed(path, lineno, expected, line) from None
     return rows
 
 
@@ -84,18 +129,18 @@ def read_cub(root: str | Path) -> Splits:
     hint = f"data.root={root} must be a CUB-200-2011 folder (the one holding images.txt and images/)"
     if not root.is_dir():
         raise DataError(f"data.root={root}: no such folder; point it at the extracted CUB_200_2011 folder")
-    images = {i: p for i, p in _table(root / "images.txt", 2, hint)}
-    labels = {i: int(c) for i, c in _table(root / "image_class_labels.txt", 2, hint)}
-    is_train = {i: s == "1" for i, s in _table(root / "train_test_split.txt", 2, hint)}
-    names = {int(c): n for c, n in _table(root / "classes.txt", 2, hint)}
+    images = dict(_table(root / "images.txt", hint, image_id=str, path=str))
+    labels = dict(_table(root / "image_class_labels.txt", hint, image_id=str, class_id=int))
+    is_train = dict(_table(root / "train_test_split.txt", hint, image_id=str, is_training_image=_flag))
+    names = dict(_table(root / "classes.txt", hint, class_id=int, name=str))
     # Only the classes images use (NABirds' classes.txt also lists the inner nodes of its
     # hierarchy, and its ids are sparse): contiguous labels in the order of the class ids.
     class_ids = sorted(set(labels.values()) & names.keys())
     to_index = {c: k for k, c in enumerate(class_ids)}
     boxes = {}
     if (root / "bounding_boxes.txt").is_file():
-        for i, *xywh in _table(root / "bounding_boxes.txt", 5, hint):
-            x, y, w, h = map(float, xywh[:4])
+        for i, x, y, w, h in _table(root / "bounding_boxes.txt", hint, image_id=str, x=float, y=float, width=float,
+                                    height=float):
             boxes[i] = (x, y, x + w, y + h)
     nan_box = (np.nan,) * 4
     split: dict[bool, tuple[list, list, list]] = {True: ([], [], []), False: ([], [], [])}
@@ -110,7 +155,7 @@ def read_cub(root: str | Path) -> Splits:
         part_boxes.append(boxes.get(i, nan_box))
     hierarchy = {}
     if (root / "hierarchy.txt").is_file():
-        parent = {int(c): int(p) for c, p in _table(root / "hierarchy.txt", 2, hint)}
+        parent = dict(_table(root / "hierarchy.txt", hint, child_id=int, parent_id=int))
         for c in class_ids:
             chain, node = [], parent.get(c)
             while node in names and names[node] not in chain:  # up to the root (a cycle would end it too)
@@ -154,30 +199,40 @@ def read_csv(root: str | Path, train_csv: str = "train.csv", test_csv: str = "te
     tables = {}
     for part, name in (("train", train_csv), ("test", test_csv)):
         path = root / name
-        if not path.is_file():
-            raise DataError(f"{path}: file not found; set data.root or data.{part}_csv")
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"path", "label"} - set(rows[0].keys() if rows else ())
+        text = read_text(path, f"set data.root or data.{part}_csv")
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            lines = [(reader.line_num, fields) for fields in reader if fields]
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e}); fix or re-export the file") from None
+        header = lines[0][1] if lines else []
+        missing = {"path", "label"} - set(header)
         if missing:
             raise DataError(f"{path}: needs a header with columns path,label (missing {', '.join(sorted(missing))})")
+        rows = []
+        for lineno, fields in lines[1:]:
+            row = dict(zip(header, fields))
+            if len(fields) != len(header) or not row["path"].strip() or not row["label"].strip():
+                raise malformed(path, lineno, f"{len(header)} comma-separated values ({','.join(header)}) with a path "
+                                "and a label", ",".join(fields))
+            rows.append((lineno, row))
         tables[part] = (path, rows)
-    raw = [r["label"] for _, rows in tables.values() for r in rows]
+    raw = [r["label"] for _, rows in tables.values() for _, r in rows]
     numeric = all(s.strip().lstrip("-").isdigit() for s in raw)
     classes = [str(c) for c in sorted({int(s) for s in raw})] if numeric else sorted(set(raw))
     index = {c: k for k, c in enumerate(classes)}
 
-    def records(path: Path, rows: list[dict]) -> Records:
-        has_box = {"x", "y", "w", "h"} <= set(rows[0])
+    def records(path: Path, rows: list[tuple[int, dict]]) -> Records:
+        has_box = bool(rows) and {"x", "y", "w", "h"} <= set(rows[0][1])
         paths, labels, boxes = [], [], []
-        for lineno, r in enumerate(rows, 2):
+        for lineno, r in rows:
             label = str(int(r["label"])) if numeric else r["label"]
             paths.append(str(root / r["path"]))
             labels.append(index[label])
             try:
                 x, y, w, h = (float(r[k]) for k in "xywh") if has_box else (np.nan,) * 4
             except ValueError:
-                raise DataError(f"{path}:{lineno}: box columns x,y,w,h must be numbers") from None
+                raise malformed(path, lineno, "numbers in the box columns x,y,w,h", ",".join(r.values())) from None
             boxes.append((x, y, x + w, y + h))
         return make_records(paths, labels, boxes)
 
@@ -207,11 +262,17 @@ def _xml_box(path: Path) -> tuple[float, ...]:
 
     if not path.is_file():
         return (np.nan,) * 4
-    boxes = [[b.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
-             for b in ET.parse(path).getroot().iter("bndbox")]
+    try:
+        boxes = [[b.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+                 for b in ET.parse(path).getroot().iter("bndbox")]
+    except ET.ParseError as e:
+        raise DataError(f"{path}, line {e.position[0]}: not valid XML ({e}); re-extract it") from None
     if not boxes:
         return (np.nan,) * 4
-    b = np.array(boxes, dtype=float)
+    try:
+        b = np.array(boxes, dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: expected numbers in each bndbox's xmin, ymin, xmax, ymax; re-extract it") from None
     return _vision_box(*b[:, :2].min(0), *b[:, 2:].max(0))
 
 
@@ -256,10 +317,10 @@ def read_pets(root: str | Path) -> Splits:
     names: dict[int, str] = {}
     parts = {}
     for part in ("trainval", "test"):
-        rows = [r for r in _table(root / "annotations" / f"{part}.txt", 2, hint) if not r[0].startswith("#")]
         paths, labels = [], []
-        for name, rest in rows:
-            label = int(rest.split()[0]) - 1
+        rows = _table(root / "annotations" / f"{part}.txt", hint, image=str, class_id=int, species=int, breed_id=int)
+        for name, class_id, *_ in rows:
+            label = class_id - 1
             names[label] = name.rsplit("_", 1)[0]
             paths.append(str(root / "images" / f"{name}.jpg"))
             labels.append(label)
@@ -303,23 +364,22 @@ def read_aircraft(root: str | Path, level: str = "variant") -> Splits:
     data = root / "data"
     hint = f"data.root={root} must be the fgvc-aircraft-2013b folder (the one holding data/images/)"
     names_file = data / AIRCRAFT_LEVELS[level]
-    if not names_file.is_file():
-        raise DataError(f"{names_file}: file not found; {hint}")
-    classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    classes = [line.strip() for line in read_text(names_file, hint).splitlines() if line.strip()]
     index = {c: k for k, c in enumerate(classes)}
     boxes = {}
     if (data / "images_box.txt").is_file():
-        boxes = {i: _vision_box(*xyxy[:4]) for i, *xyxy in _table(data / "images_box.txt", 5, hint)}
+        boxes = {i: _vision_box(*xyxy) for i, *xyxy in _table(data / "images_box.txt", hint, image_id=str, x1=float,
+                                                              y1=float, x2=float, y2=float)}
     coarser = [lv for lv in list(AIRCRAFT_LEVELS)[list(AIRCRAFT_LEVELS).index(level) + 1:]
                if (data / f"images_{lv}_trainval.txt").is_file()]
     hierarchy: dict[str, list[str]] = {}
     parts = {}
     for part in ("trainval", "test"):
-        labels = dict(_table(data / f"images_{level}_{part}.txt", 2, hint))
+        labels = dict(_table(data / f"images_{level}_{part}.txt", hint, image_id=str, name=str))
         unknown = next((n for n in labels.values() if n not in index), None)
         if unknown is not None:
             raise DataError(f"{data / f'images_{level}_{part}.txt'}: {unknown!r} is not in {names_file}")
-        ancestors = [dict(_table(data / f"images_{lv}_{part}.txt", 2, hint)) for lv in coarser]
+        ancestors = [dict(_table(data / f"images_{lv}_{part}.txt", hint, image_id=str, name=str)) for lv in coarser]
         for i, name in labels.items():
             hierarchy.setdefault(name, [a.get(i, "") for a in ancestors])
         parts[part] = make_records([str(data / "images" / f"{i}.jpg") for i in labels],
@@ -331,12 +391,12 @@ def read_aircraft(root: str | Path, level: str = "variant") -> Splits:
 def _json(path: Path, hint: str):
     import json
 
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; {hint}")
+    text = read_text(path, hint)
     try:
-        return json.loads(path.read_bytes())
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); re-extract it") from None
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); re-extract it") \
+            from None
 
 
 def read_inat(root: str | Path) -> Splits:
@@ -359,6 +419,10 @@ def read_inat(root: str | Path) -> Splits:
         parts[part] = files
     ids = sorted(categories)
     index = {c: k for k, c in enumerate(ids)}
+    unknown = next(((part, c) for part, files in parts.items() for _, c in files if c not in index), None)
+    if unknown is not None:
+        raise DataError(f"{root / f'{unknown[0]}2017.json'}: category_id {unknown[1]!r} is not among the categories; "
+                        "re-extract it")
 
     def records(files: list[tuple[str, int]]) -> Records:
         return make_records([str(root / f) for f, _ in files], [index[c] for _, c in files])

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_cub_wrong_root(tmp_path):
 
 def test_cub_malformed_line_names_file_and_line(cub_root):
     (cub_root / "bounding_boxes.txt").write_text("1 2 3\n")
-    with pytest.raises(DataError, match=r"bounding_boxes.txt:1: expected 5 fields"):
+    expected = "expected '<image_id> <x> <y> <width> <height>' (x, y, width, height numbers), got '1 2 3'"
+    with pytest.raises(DataError, match=re.escape(f"bounding_boxes.txt, line 1: {expected}")):
         read_cub(cub_root)
 
 
@@ -222,7 +224,7 @@ def test_inat_tests_on_val_and_names_a_broken_json(tmp_path):
     with pytest.raises(DataError, match="val2017.json: not an iNat2017 annotation file"):
         read("inat2017", root)
     (root / "val2017.json").write_text("{not json")
-    with pytest.raises(DataError, match="val2017.json: not valid JSON"):
+    with pytest.raises(DataError, match="val2017.json, line 1: not valid JSON"):
         read("inat2017", root)
 
 

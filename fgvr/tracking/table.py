@@ -8,7 +8,9 @@ never depend on where the runs came from.
 Runs are averaged only when they differ in nothing but the seed and keys that cannot change a
 result (where the data lives, logging, workers, compilation): a key that varies otherwise is
 added to the row label, and the table says which keys those were. Runs that failed, are still
-running or lack the metric are listed under the table, never averaged in or dropped.
+running or lack the metric are listed under the table, never averaged in or dropped. A seed counts
+once: of runs that agree on every setting and the seed (a relaunch into a new dir), only the one
+that ended last is averaged, and the table names the others.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Record:
     status: str
     config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
     results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
+    # when the run ended, in seconds since the epoch: results.json's mtime (written once, atomically, at the
+    # run's end), or W&B's last heartbeat; None if unknown
+    ended: float | None = None
 
     def get(self, key: str) -> Any:
         """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
@@ -88,7 +93,8 @@ def read_run_dir(path: Path) -> Record:
         return Record(str(path), "no results", config, {})
     except json.JSONDecodeError:
         return Record(str(path), "unreadable", config, {})
-    return Record(str(path), results.get("status", "no results"), config, flatten(results, "."))
+    ended = (path / "results.json").stat().st_mtime
+    return Record(str(path), results.get("status", "no results"), config, flatten(results, "."), ended)
 
 
 @dataclass
@@ -121,6 +127,17 @@ def paper_results() -> dict:
 
 
 @dataclass
+class Repeat:
+    """Runs of one cell that agree on every setting and the seed: only the one that ended last counts."""
+
+    row: tuple
+    col: tuple
+    seed: Any
+    kept: str  # its source
+    left_out: list[str]  # the sources of the older ones
+
+
+@dataclass
 class Table:
     metric: str
     row_keys: list[str]  # the --rows keys, then the keys that varied within a method
@@ -133,6 +150,7 @@ class Table:
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (run dir, why)
     reference: dict[tuple[tuple, tuple], Reference] = field(default_factory=dict)
     reference_source: str = ""
+    repeats: list[Repeat] = field(default_factory=list)
 
     def is_bound(self, row: tuple) -> bool:
         return any((k, v) in BOUNDS for k, v in zip(self.row_keys, row))
@@ -150,6 +168,25 @@ def _value_key(value: Any) -> str:
 
 def decode(label: tuple[str, ...]) -> tuple:
     return tuple(json.loads(v) for v in label)
+
+
+def drop_repeats(runs: list[Record]) -> tuple[list[Record], list[tuple[Any, Record, list[Record]]]]:
+    """The runs of one cell with each seed once: of runs with the same seed, the one that ended last
+    (on a tie or no end time, the last listed). Returns the runs kept and (seed, kept, left out) per
+    repeated seed. Runs without a seed are all kept: nothing says they repeat one another."""
+    by_seed: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        if r.get("seed") is not None:
+            by_seed.setdefault(_value_key(r.get("seed")), []).append(i)
+    dropped: set[int] = set()
+    repeats = []
+    for same in by_seed.values():
+        if len(same) > 1:
+            newest = max(same, key=lambda i: (runs[i].ended is not None, runs[i].ended or 0.0, i))
+            older = [i for i in same if i != newest]
+            dropped.update(older)
+            repeats.append((runs[newest].get("seed"), runs[newest], [runs[i] for i in older]))
+    return [r for i, r in enumerate(runs) if i not in dropped], repeats
 
 
 def build_table(records: list[Record], rows: list[str], cols: list[str], metric: str = "test_acc",
@@ -192,6 +229,11 @@ def build_table(records: list[Record], rows: list[str], cols: list[str], metric:
     varied = choices + varied_config
     row_keys = rows + varied
     grouped = cells_of(row_keys)
+    repeats = []
+    for (r, c), runs in list(grouped.items()):
+        grouped[(r, c)], repeated = drop_repeats(runs)
+        repeats += [Repeat(decode(r), decode(c), seed, kept.source, [x.source for x in older])
+                    for seed, kept, older in repeated]
     row_labels = list(dict.fromkeys(k[0] for k in grouped))  # in the order the runs come (a sweep's job order)
     col_labels = list(dict.fromkeys(k[1] for k in grouped))
     table_cells = {(decode(r), decode(c)): Cell.of([float(x.get(metric)) for x in runs])
@@ -214,7 +256,7 @@ def build_table(records: list[Record], rows: list[str], cols: list[str], metric:
                     published[(decode(r), decode(c))] = Reference(method, *result, delta=cell.mean - result[0])
     return Table(metric, row_keys, cols, [decode(r) for r in row_labels], [decode(c) for c in col_labels],
                  table_cells, extra_cells, varied, left_out, published,
-                 reference["source"] if reference is not None else "")
+                 reference["source"] if reference is not None else "", repeats)
 
 
 def _label(values: tuple) -> str:
@@ -264,6 +306,11 @@ def _notes(table: Table) -> list[str]:
         notes.append(f"kept apart because they varied between runs of one cell: {', '.join(table.varied)}")
     if table.reference_source:
         notes.append(f"paper: {table.reference_source}; delta = ours - paper")
+    for repeat in table.repeats:
+        n = len(repeat.left_out)
+        notes.append(f"note: {n} run{'s' if n > 1 else ''} repeat{'' if n > 1 else 's'} seed {repeat.seed} of "
+                     f"{_row_label(table, repeat.row)} ({_label(repeat.col)}): kept {repeat.kept} (it ended last), "
+                     f"left out {', '.join(repeat.left_out)}")
     if table.left_out:
         notes.append(f"not in the table ({len(table.left_out)} runs):")
         notes += [f"  {why}: {source}" for source, why in table.left_out]
@@ -336,6 +383,9 @@ def to_json(table: Table) -> str:
            "extras": {k: [{"row": list(r), **cell(per_row[r])} for r in table.rows if r in per_row]
                       for k, per_row in table.extras.items()},
            "left_out": [{"run": s, "why": w} for s, w in table.left_out]}
+    if table.repeats:
+        doc["repeats"] = [{"row": list(r.row), "col": list(r.col), "seed": r.seed, "kept": r.kept,
+                           "left_out": r.left_out} for r in table.repeats]
     if table.reference_source:
         doc["paper_source"] = table.reference_source
     return json.dumps(doc, indent=2) + "\n"

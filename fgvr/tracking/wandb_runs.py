@@ -49,7 +49,22 @@ def to_record(run: Any) -> Record:
         status = "running"
     else:  # without fgvr's status, the run died before its end: W&B's crashed, killed or failed
         status = summary.get("status", run.state if run.state != "finished" else "no summary")
-    return Record(f"{run.url} ({run.name})", status, config, summary)
+    return Record(f"{run.url} ({run.name})", status, config, summary, ended(run))
+
+
+def ended(run: Any) -> float | None:
+    """When a W&B run ended (seconds since the epoch): its last heartbeat, else its last logged time."""
+    from datetime import datetime, timezone
+
+    heartbeat = getattr(run, "heartbeat_at", None)
+    if isinstance(heartbeat, str):
+        try:
+            at = datetime.fromisoformat(heartbeat.replace("Z", "+00:00"))
+            return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()  # W&B's times are UTC
+        except ValueError:
+            pass
+    timestamp = dict(run.summary_metrics).get("_timestamp")
+    return float(timestamp) if isinstance(timestamp, (int, float)) else None
 
 
 def read_wandb(project: str, group: str | None = None, filters: str | None = None) -> list[Record]:

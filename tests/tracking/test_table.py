@@ -80,8 +80,8 @@ def test_runs_that_differ_in_more_than_the_seed_are_kept_apart(tmp_path):
     for seed in (1, 2):
         write_run(tmp_path / f"k8_{seed}", seed=seed, acc=90.0 + seed)
         write_run(tmp_path / f"k16_{seed}", seed=seed, acc=80.0 + seed, config={"selector.top_k": 16})
-        # keys that cannot change a result: averaged together
-        write_run(tmp_path / f"moved_{seed}", seed=seed, acc=90.0 + seed,
+        # keys that cannot change a result: averaged together (other seeds: the same seed would be a repeat)
+        write_run(tmp_path / f"moved_{seed}", seed=seed + 2, acc=90.0 + seed,
                   config={"data.root": "/elsewhere", "data.num_workers": 3})
     table = build_table([read_run_dir(d) for d in run_dirs([str(tmp_path)])], ["selector"], ["dataset"])
     assert table.varied == ["selector.top_k"] and table.row_keys == ["selector", "selector.top_k"]

@@ -169,10 +169,27 @@ def check_files(records: Records, split: str, skip_bad: bool) -> Records:
 
 @dataclass
 class Loaders:
+    """A run's loaders; `with` (or close()) ends their worker processes when the run ends, failed or not."""
+
     train: DataLoader
     val: DataLoader | None
     test: DataLoader
     classes: list[str]
+
+    def close(self) -> None:
+        """Stop the persistent workers now. Left to interpreter exit, multiprocessing would SIGTERM
+        them and wait out the grace period protect_worker gives a SIGTERM (and print a traceback)."""
+        for loader in (self.train, self.val, self.test):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None:
+                iterator._shutdown_workers()
+                loader._iterator = None
+
+    def __enter__(self) -> Loaders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def require_boxes(model, loaders: Loaders, name: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fgvr.config import BenchConfig, check_values
 from fgvr.data.dataset import DataWait, build_loaders
 from fgvr.engine import distributed
 from fgvr.engine.cost import measure_cost
@@ -92,13 +93,12 @@ def peak_tflops(device: torch.device, amp: torch.dtype | None, override: float |
 def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     """Measure the composed run (see the module docstring); prints a table and returns the
     numbers (also written to bench.out if set). `choices`: Hydra's group choices, for the record."""
+    check_values(cfg, BenchConfig)
     choices = choices or {}
     t, b = cfg.trainer, cfg.bench
     if t.devices > 1:
         raise ConfigError("trainer.devices: fgvr bench measures one process; drop trainer.devices (img/s scale "
                           "with the processes of a DDP run as long as the data keeps up)")
-    if min(b.warmup, b.steps, b.eval_steps) < 1:
-        raise ConfigError("bench.warmup, bench.steps and bench.eval_steps must be at least 1")
     device = resolve_device(t.device)
     amp = autocast_dtype(t.precision, device)
     seed_everything(cfg.seed, t.deterministic)

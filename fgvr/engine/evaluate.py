@@ -1,5 +1,8 @@
 """`fgvr eval ckpt=<run dir or .pt>`: rebuild a run's model and data from its checkpoint and
-evaluate it. A run dir means its checkpoints/last.pt, the model results.json's test_acc came from."""
+evaluate it. A run dir means its checkpoints/last.pt, the model results.json's test_acc came from.
+
+The checkpoint is read weights-only (engine/checkpoint.py). Outputs go next to the run they read
+(eval_<split>.json, viz/) when the checkpoint is part of a run dir, and otherwise only to out=."""
 
 from __future__ import annotations
 
@@ -10,26 +13,45 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fgvr.config import EvalConfig
+from fgvr.config import EvalConfig, check_values
 from fgvr.data.dataset import Loaders, build_loaders, require_boxes
 from fgvr.engine import checkpoint
 from fgvr.engine.trainer import autocast_dtype, evaluate, resolve_device
 from fgvr.errors import ConfigError, DataError
 from fgvr.models.model import FGVRModel, build_model, source_scale
-from fgvr.tracking.run import write_json
+from fgvr.rundir import RunDir
+from fgvr.tracking.run import is_run_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def checkpoint_path(ckpt: str) -> Path:
-    path = Path(ckpt)
+    path = Path(ckpt).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunDir(path).last
         if not path.is_file():
             raise ConfigError(f"ckpt={ckpt}: no checkpoints/last.pt in that run dir")
     elif not path.is_file():
         raise ConfigError(f"ckpt={ckpt}: no such file or run dir")
     return path
+
+
+def run_dir_of(checkpoint: Path) -> RunDir | None:
+    """The run dir a checkpoint belongs to (<run dir>/checkpoints/<name>.pt), or None for a loose file."""
+    folder = checkpoint.parent.parent
+    return RunDir(folder) if checkpoint.parent.name == "checkpoints" and is_run_dir(folder) else None
+
+
+def output_path(ckpt: Path, out: str | None, default: str, option: str = "out") -> Path:
+    """Where eval/viz write: `out` if given, else `default` inside the checkpoint's run dir; a loose
+    checkpoint needs `out` (its folder is nobody's run dir to write into)."""
+    if out:
+        return Path(out).expanduser()
+    run = run_dir_of(ckpt)
+    if run is None:
+        raise ConfigError(f"ckpt={ckpt} is not inside a run dir (<run dir>/checkpoints/*.pt); say where to write "
+                          f"with {option}=PATH")
+    return run.path / default
 
 
 @dataclass
@@ -44,8 +66,8 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(ckpt: str, device: str = "auto", data_root: str | None = None,
-             batch_size: int | None = None) -> LoadedRun:
+def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batch_size: int | None = None,
+             skip_bad: bool = False) -> LoadedRun:
     """Rebuild a run's model (its EMA weights if it had them) and loaders from a checkpoint."""
     path = checkpoint_path(ckpt)
     state = checkpoint.load(path)
@@ -61,6 +83,8 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None,
         run_cfg.data.root = data_root
     if batch_size is not None:
         run_cfg.data.eval_batch_size = batch_size
+    if skip_bad:
+        run_cfg.data.skip_bad = True
 
     dev = resolve_device(device)
     loaders = build_loaders(run_cfg.data, run_cfg.paths.cache_dir, run_cfg.seed, pin_memory=dev.type == "cuda",
@@ -73,7 +97,7 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None,
     weights = state["model"]
     if state.get("ema"):  # the run evaluated its EMA weights, and so does this
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
-    model.load_state_dict(weights)
+    checkpoint.load_weights(model, weights, path, state["config"])
     return LoadedRun(path, state, run_cfg, model.eval(), loaders, dev)
 
 
@@ -90,15 +114,20 @@ def split_loader(run: LoadedRun, split: str):
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
-    """Evaluate on cfg.split; writes eval_<split>.json into the checkpoint's run dir."""
+    """Evaluate on cfg.split; writes eval_<split>.json into the checkpoint's run dir (or to out=)."""
+    check_values(cfg, EvalConfig)
     check_split(cfg.split)
-    run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size)
-    loader = split_loader(run, cfg.split)
-    amp = autocast_dtype(run.cfg.trainer.precision, run.device)
-    metrics = evaluate(run.model, loader, run.device, amp)
+    out = output_path(checkpoint_path(cfg.ckpt), cfg.out, f"eval_{cfg.split}.json")
+    run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
+    with run.loaders:  # their workers end here, not at exit
+        metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,
+                           autocast_dtype(run.cfg.trainer.precision, run.device))
     result = {"checkpoint": str(run.path), "split": cfg.split, "epoch": run.state["epoch"],
-              "step": run.state["step"], **metrics, "num_images": len(loader.dataset)}
-    write_json(run.path.parent.parent / f"eval_{cfg.split}.json", result)
-    log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images | %s at epoch %d", cfg.split, metrics["acc"],
-             metrics["top5"], len(loader.dataset), run.path, run.state["epoch"])
+              "step": run.state["step"], "data_root": run.cfg.data.root, **metrics}
+    if out.exists():
+        log.warning("replacing %s (an earlier evaluation)", out)
+    write_json(out, result)
+    log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images%s | %s at epoch %d -> %s", cfg.split, metrics["acc"],
+             metrics["top5"], metrics["images"], f", {metrics['skipped']} skipped" if metrics["skipped"] else "",
+             run.path, run.state["epoch"], out)
     return result

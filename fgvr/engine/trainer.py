@@ -30,7 +30,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgvr.config import Precision
+from fgvr.config import Precision, TrainConfig, check_values
 from fgvr.data.dataset import DataWait, build_loaders, require_boxes
 from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
@@ -40,6 +40,7 @@ from fgvr.engine.preemption import Interrupted, StopOnSignal
 from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import localisation
+from fgvr.rundir import RunDir
 from fgvr.tracking.console import EpochProgress
 from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions
 
@@ -49,7 +50,11 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
                      "trainer.devices", "trainer.compile", "trainer.grad_checkpointing",
                      "trainer.limit_eval_batches", "trainer.export_backbone", "data.root", "data.num_workers",
-                     "data.eval_batch_size", "data.cache", "data.check_counts", "logger", "resume", "paths", "name")
+                     "data.eval_batch_size", "data.cache", "data.check_counts", "data.skip_bad", "logger", "resume",
+                     "paths", "name")
+# What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
+EVALUATED = ("test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
+             "region_iou", "region_hit", "cost", "cost_error", "backbone_weights", "backbone_weights_error")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -111,9 +116,13 @@ def has_key(config: dict, key: str) -> bool:
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if resume == "auto":
         return last if last.is_file() else None
+    if resume == "evaluate":
+        if not last.is_file():
+            raise ConfigError(f"resume=evaluate: {run_dir} holds no checkpoints/last.pt to evaluate")
+        return last
     if resume == "never":
         if last.is_file():
             raise ConfigError(f"{last} exists: this run dir already holds a run; resume=auto continues it, "
@@ -122,7 +131,7 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     path = Path(resume)
     path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     if not path.is_file():
-        raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, a run dir or a .pt file")
+        raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, evaluate, a run dir or a .pt file")
     return path
 
 
@@ -136,14 +145,15 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
              limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%), img/s and, on data with boxes, how well the model's
+    """Loss, top-1 and top-5 accuracy (%), img/s, the images evaluated and those skipped as
+    unreadable (data.skip_bad) and, on data with boxes, how well the model's
     regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
     and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
     region, the same as `region_iou` and `region_hit`. Summed over all ranks' shards, so the
     numbers are over the whole split. One host-device sync."""
     model.eval()
-    totals = torch.zeros(10, device=device)  # loss sum, top-1 hits, top-5 hits, (IoU sum, hits, boxes) x 2, n
-    n, start = 0, time.perf_counter()
+    totals = torch.zeros(11, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, images, skipped
+    n, skipped, start = 0, 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
@@ -160,11 +170,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
                                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
                                  *local])
         n += len(labels)
-    totals[9] = n  # counted on the host: a tensor made from it in every batch would be a copy per batch
-    loss, top1, top5, *local, n = distributed.all_reduce_(totals, dist).tolist()
+        skipped += batch.skipped
+    totals[9:] = torch.tensor([n, skipped])  # counted on the host: a tensor a batch would be a copy per batch
+    loss, top1, top5, *local, images, skipped = distributed.all_reduce_(totals, dist).tolist()
     elapsed = time.perf_counter() - start
-    n = max(n, 1)
-    out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": n / elapsed}
+    n = max(images, 1)
+    out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": images / elapsed,
+           "images": int(images), "skipped": int(skipped)}
     for name, (iou, hits, boxed) in (("crop", local[:3]), ("region", local[3:])):
         if boxed:
             out |= {f"{name}_iou": iou / boxed, f"{name}_hit": 100 * hits / boxed}
@@ -174,20 +186,65 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
 def train(cfg: DictConfig, run: RunInfo) -> dict:
     """Train (or resume) the run that `cfg` describes in `run.dir`; returns results.json's content.
 
-    With trainer.devices=N > 1 the run is one DDP run in N new processes on this machine."""
-    if cfg.trainer.devices > 1:
-        cfg = cfg.copy()
-        OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
-        distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
-        return json.loads((run.dir / "results.json").read_text())
-    return _train(cfg, run)
+    The run dir is locked while this process (rank 0 of a multi-process run) writes it. With
+    trainer.devices=N > 1 the run is one DDP run in N new processes on this machine."""
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
+        check_values(cfg, TrainConfig)
+    except ConfigError:
+        RunDir(run.dir).discard_if_empty()  # Hydra made it for a run that never starts
+        raise
+    with RunDir(run.dir).locked() if distributed.from_env().is_main else contextlib.nullcontext():
+        if cfg.trainer.devices > 1:
+            cfg = cfg.copy()
+            OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
+            distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
+            return json.loads(RunDir(run.dir).results.read_text())
+        return _train(cfg, run)
 
 
 def _logging_config() -> dict | None:
-    """Hydra's job logging (the console and <run dir>/train.log), for processes that start afresh."""
+    """Hydra's job logging (the console), for processes that start afresh."""
     from hydra.core.hydra_config import HydraConfig
 
     return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
+
+
+def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, dict | None]:
+    """(the checkpoint to resume from, results.json of a finished run to keep) for a launch into
+    `rundir`, or a ConfigError saying why this launch may not write there. Writes nothing."""
+    t = cfg.trainer
+    ckpt_path = find_checkpoint(cfg.resume, rundir.path)
+    previous = rundir.read_results()
+    finished = previous is not None and previous.get("status") == "finished"
+    if ckpt_path is None:
+        if finished:
+            raise ConfigError(f"{rundir.path} holds a finished run (results.json) but not its checkpoints/last.pt; "
+                              "give this run another hydra.run.dir")
+        return None, None
+    state = checkpoint.load(ckpt_path)
+    diff = config_diff(state["config"], config)
+    newer = [k for k in diff if not has_key(state["config"], k)]  # options added to fgvr since the run began
+    if newer:
+        log.warning("%s predates the options %s: the run goes on with their values now", ckpt_path,
+                    ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in newer))
+    changed = [k for k in diff if k not in newer
+               and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    if changed:
+        raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
+                          "the same config, or start a new run with another hydra.run.dir")
+    finished = finished and state["epoch"] >= t.epochs
+    if finished and "data.root" in diff:
+        raise ConfigError(f"{rundir.path} holds a finished run trained on data.root={state['config']['data']['root']}; "
+                          f"to evaluate it on other data: fgvr eval ckpt={rundir.path} data_root={cfg.data.root}")
+    if cfg.resume == "evaluate" and not finished:
+        raise ConfigError(f"resume=evaluate: {rundir.path} holds no finished run (epoch {state['epoch']} of "
+                          f"{t.epochs}); resume=auto goes on training it")
+    if finished and cfg.resume != "evaluate":
+        return state, previous
+    return state, None
 
 
 def _train(cfg: DictConfig, run: RunInfo) -> dict:
@@ -195,23 +252,16 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     dist = distributed.from_env()
     distributed.quiet_logging(dist)
     t = cfg.trainer
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
+    rundir = RunDir(run.dir)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    ckpt_path = find_checkpoint(cfg.resume, run.dir)
-    state = checkpoint.load(ckpt_path) if ckpt_path else None
-    if state is not None:
-        diff = config_diff(state["config"], config)
-        newer = [k for k in diff if not has_key(state["config"], k)]  # options added to fgvr since the run began
-        if newer:
-            log.warning("%s predates the options %s: the run goes on with their values now", ckpt_path,
-                        ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in newer))
-        changed = [k for k in diff if k not in newer
-                   and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
-        if changed:
-            raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
-                              "the same config, or start a new run with another hydra.run.dir")
+    state, finished = _admit(cfg, config, rundir)
+    if finished is not None:
+        log.info("%s: this run finished before (test acc %.2f %%); nothing to do, results.json kept "
+                 "(resume=evaluate evaluates it again)", run.dir, finished.get("test_acc") or math.nan)
+        return finished
+    evaluating = cfg.resume == "evaluate"
+    if dist.is_main:
+        rundir.write_config(cfg)
 
     results: dict = {
         "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
@@ -220,36 +270,51 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
         "img_size": cfg.data.img_size, "epochs": t.epochs, "world_size": dist.world_size, "run_dir": str(run.dir),
         "slurm_job_id": slurm_job_id(), "git_sha": git_sha(), "versions": versions(),
     }
-    tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
-                        resume_step=state["step"] if state else None, enabled=dist.is_main)
-    try:
-        device = distributed.setup(dist, resolve_device(t.device))
-        with StopOnSignal() as stop:
-            results |= _fit(cfg, run, config, state, tracker, dist, device, stop)
-        results["status"] = "finished"
-    except Interrupted as e:
-        results |= {"status": "interrupted", "signal": signal.Signals(e.signum).name, "steps": e.step}
-        tracker.event("interrupted", step=e.step, signal=results["signal"])
-        tracker.preempting()
-    except BaseException as e:
-        results |= {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        raise
-    finally:
-        results["wall_time_s"] = round(time.time() - start_time + (state or {}).get("wall_time_s", 0.0), 2)
-        tracker.finish(results)
-        distributed.teardown()
+    if evaluating:  # what evaluation does not measure stays as the training run wrote it
+        results = rundir.read_results() | {"status": "running"}
+    with rundir.logging_to_file() if dist.is_main else contextlib.nullcontext():
+        tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
+                            resume_step=state["step"] if state else None, enabled=dist.is_main)
+        if state is not None and state["config"]["data"]["root"] != cfg.data.root:
+            log.warning("data.root changed from %s to %s: the run goes on with the data there",
+                        state["config"]["data"]["root"], cfg.data.root)
+            tracker.event("data_root_changed", step=state["step"], old=state["config"]["data"]["root"],
+                          new=cfg.data.root)
+        try:
+            device = distributed.setup(dist, resolve_device(t.device))
+            with StopOnSignal() as stop, contextlib.ExitStack() as resources:
+                measured = _fit(cfg, run, config, state, tracker, dist, device, stop, resources)
+            results = _reevaluated(results, measured) if evaluating else results | measured
+            results["status"] = "finished"
+        except Interrupted as e:
+            results |= {"status": "interrupted", "signal": signal.Signals(e.signum).name, "steps": e.step}
+            tracker.event("interrupted", step=e.step, signal=results["signal"])
+            tracker.preempting()
+        except BaseException as e:
+            results |= {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            raise
+        finally:
+            if evaluating:
+                results["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            else:
+                results["wall_time_s"] = round(time.time() - start_time + (state or {}).get("wall_time_s", 0.0), 2)
+            tracker.finish(None if evaluating and results["status"] != "finished" else results)
+            distributed.teardown()
     return results
 
 
 def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger, dist: Dist,
-         device: torch.device, stop: StopOnSignal) -> dict:
+         device: torch.device, stop: StopOnSignal, resources: contextlib.ExitStack) -> dict:
+    """The run itself; what must be released when it ends however it ends (the loaders' worker
+    processes) goes into `resources`."""
     t = cfg.trainer
     seed_everything(cfg.seed, t.deterministic)
     amp = autocast_dtype(t.precision, device)
 
     # Data and model: the same split, order and initial weights on every rank.
-    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
-                            scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size)
+    loaders = resources.enter_context(build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed,
+                                                    pin_memory=device.type == "cuda", scale=source_scale(cfg),
+                                                    rank=dist.rank, world_size=dist.world_size))
     num_classes = len(loaders.classes)
     model = build_model(cfg, num_classes).to(device)
     require_boxes(model, loaders, cfg.data.name)
@@ -284,7 +349,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     if state is not None:
         if state["num_classes"] != num_classes:
             raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {num_classes}")
-        model.load_state_dict(state["model"])
+        checkpoint.load_weights(model, state["model"], RunDir(run.dir).last, state["config"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -294,7 +359,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         else:
             log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
                         len(state["rng"]), dist.world_size)
-        log.info("resumed from %s at step %d (epoch %d%s)", run.dir / "checkpoints" / "last.pt", step, epoch + 1,
+        log.info("resumed from %s at step %d (epoch %d%s)", RunDir(run.dir).last, step, epoch + 1,
                  f", {position} samples in" if position else "")
         tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
@@ -315,9 +380,10 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
                 "position": position, "best": best, "rng": rng, "config": config, "num_classes": num_classes,
-                "classes": loaders.classes, "wandb_id": tracker.wandb_id,
+                "classes": loaders.classes, "wandb_id": tracker.wandb_id, "run_name": run.name,
+                "run_group": run.group,
                 "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
-            }, run.dir / "checkpoints" / f"{name}.pt")
+            }, RunDir(run.dir).checkpoints / f"{name}.pt")
 
     def stop_here() -> None:
         """At a step boundary: if any rank was told to stop, save last.pt here and stop."""
@@ -328,14 +394,14 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
             raise Interrupted(stop.requested or signal.SIGTERM, step)
 
     # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
-    epoch_rates, skipped, compile_s, loop_start = [], 0, None, time.perf_counter()
+    epoch_rates, skipped, compile_s, loop_start = [], {"train": 0, "val": 0}, None, time.perf_counter()
     while epoch < t.epochs:
         model.train()
         loaders.train.sampler.set_epoch(epoch, position)
         first = position // (cfg.data.batch_size * dist.world_size)  # the batch index we start at
         optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=device)  # loss sum, hits, images (filled in at a log event)
-        seen = seen_log = 0
+        seen = seen_log = epoch_skipped = 0
         epoch_start = tick = time.perf_counter()
         batches = DataWait(loaders.train)  # adds up the time the loop waits for data
         with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch, first // t.accum_steps,
@@ -353,7 +419,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                     scaler.scale(loss / t.accum_steps).backward()
                 sums[:2] += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
                 seen += len(labels)
-                skipped += batch.skipped
+                epoch_skipped += batch.skipped
                 if not sync:
                     continue
                 optimizer_step(optimizer, scaler, model, t.grad_clip)
@@ -382,11 +448,15 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                     seen_log, tick = seen, now
                 stop_here()
         epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start, batches.seconds))
+        if dist.enabled:  # once an epoch, beside the val evaluation's own sync
+            epoch_skipped = int(distributed.all_reduce_(torch.tensor([epoch_skipped], device=device), dist).item())
+        skipped["train"] = max(skipped["train"], epoch_skipped)  # images, not their count over the epochs
         epoch, position = epoch + 1, 0
 
         if loaders.val is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
             val = evaluate(eval_model, loaders.val, device, amp, t.limit_eval_batches, channels_last, dist)
             tracker.log(step=step, epoch=epoch, split="val", **val)
+            skipped["val"] = val["skipped"]
             if val["acc"] > best["acc"]:
                 best = {"acc": val["acc"], "epoch": epoch}
                 save("best")
@@ -395,30 +465,19 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         stop_here()  # saves last.pt itself when it stops
         save("last")
 
-    if skipped:
-        log.warning("skipped %d unreadable training images (data.skip_bad=true)", skipped)
     test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last, dist)
     tracker.log(step=step, epoch=epoch, split="test", **test)
-    log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"],
-             len(loaders.test.dataset), run.dir)
-    cost = None
+    skipped["test"] = test["skipped"]
+    log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"], test["images"], run.dir)
+    if any(skipped.values()):
+        log.warning("skipped unreadable images (data.skip_bad=true): %s",
+                    ", ".join(f"{n} {split}" for split, n in skipped.items()))
+    # Diagnostics: the run has its result; an error here is recorded beside it, never fails it.
+    diagnostics: dict = {"cost": None, "cost_error": None, "backbone_weights": None, "backbone_weights_error": None}
     if dist.is_main:  # one process's model on one batch: the other ranks need not wait for it
-        batch = next(iter(loaders.train))
-        cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp,
-                            truth=batch.boxes.to(device))
-        log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"],
-                 cost["step_ms"],
-                 f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
-                 if "select_ms" in cost else "",
-                 f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
-                 if "texture_ms" in cost else "")
-    backbone_weights = None
-    if t.export_backbone and dist.is_main:
-        backbone_weights = run.dir / "backbone.safetensors"
-        checkpoint.save_weights(eval_model.backbone.model.state_dict(), backbone_weights,
-                                {"timm_model": cfg.backbone.name, "img_size": str(cfg.data.img_size),
-                                 "kwargs": json.dumps(config["backbone"]["kwargs"]), "dataset": cfg.data.name})
-        log.info("backbone weights in timm's format (for backbone.checkpoint=): %s", backbone_weights)
+        diagnostics |= _diagnose("cost", lambda: _cost(model, loaders, device, amp, channels_last))
+        if t.export_backbone:
+            diagnostics |= _diagnose("backbone_weights", lambda: _export_backbone(eval_model, cfg, config, run.dir))
     timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
     timed_s = sum(s for _, s, _ in timed)
     return {
@@ -427,8 +486,49 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         "train_img_per_s": sum(n for n, _, _ in timed) / timed_s if timed else None,
         "data_wait_pct": 100 * sum(w for _, _, w in timed) / timed_s if timed else None, "compile_s": compile_s,
         "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
-        "params_m": round(params_m, 3), "steps": step, "skipped_images": skipped,
+        "params_m": round(params_m, 3), "steps": step, "test_images": test["images"], "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
-        "region_hit": test.get("region_hit"), "cost": cost,
-        "backbone_weights": str(backbone_weights) if backbone_weights else None,
+        "region_hit": test.get("region_hit"), **diagnostics,
     }
+
+
+def _reevaluated(results: dict, measured: dict) -> dict:
+    """A finished run's results with what a new evaluation measured: the test figures and cost;
+    the training figures (and the train and val images skipped) stay as training left them."""
+    skipped = results.get("skipped_images")
+    skipped = skipped if isinstance(skipped, dict) else {}  # runs before per-split counts kept one number
+    return results | {k: v for k, v in measured.items() if k in EVALUATED} | {
+        "skipped_images": skipped | {"test": measured["skipped_images"]["test"]}}
+
+
+def _diagnose(name: str, measure) -> dict:
+    """{name: what `measure()` returns, name_error: None}, or {name: None, name_error: the error in one line}."""
+    try:
+        return {name: measure(), f"{name}_error": None}
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.error("%s failed after the test evaluation (the run's results stand): %s", name, message)
+        return {name: None, f"{name}_error": message}
+
+
+def _cost(model: nn.Module, loaders, device: torch.device, amp: torch.dtype | None, channels_last: bool) -> dict:
+    """FLOPs and time of one training step (engine/cost.py), on the first train batch."""
+    batch = next(iter(loaders.train))
+    cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp,
+                        truth=batch.boxes.to(device))
+    log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"], cost["step_ms"],
+             f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
+             if "select_ms" in cost else "",
+             f" | texture {cost['texture_ms']:.1f} ms ({cost['texture_share_pct']:.1f} %)"
+             if "texture_ms" in cost else "")
+    return cost
+
+
+def _export_backbone(model: nn.Module, cfg: DictConfig, config: dict, run_dir: Path) -> str:
+    """<run dir>/backbone.safetensors: the backbone's weights in timm's format, for backbone.checkpoint=."""
+    path = RunDir(run_dir).backbone
+    checkpoint.save_weights(model.backbone.model.state_dict(), path,
+                            {"timm_model": cfg.backbone.name, "img_size": str(cfg.data.img_size),
+                             "kwargs": json.dumps(config["backbone"]["kwargs"]), "dataset": cfg.data.name})
+    log.info("backbone weights in timm's format (for backbone.checkpoint=): %s", path)
+    return str(path)

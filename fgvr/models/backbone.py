@@ -41,12 +41,42 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
             if dropped is None:
                 raise
             optional.pop(dropped)  # e.g. CNNs take no img_size: the option does not apply to them
+        except (RuntimeError, ValueError) as e:  # timm reads the file weights-only and loads it strictly
+            if checkpoint is None:
+                raise
+            raise ConfigError(f"backbone.checkpoint={checkpoint}: {_load_error(e)}; the file"
+                              f"{_exported_from(checkpoint)} does not fit backbone.name={name}") from None
         except OSError as e:
             if checkpoint is not None:
                 raise ConfigError(f"backbone.checkpoint={checkpoint}: cannot load ({e})") from None
             raise FgvrError(f"cannot download pretrained weights for backbone.name={name} ({type(e).__name__}); "
                             "pass a local file with backbone.checkpoint=/path/to/weights.safetensors, "
                             "or train from scratch with backbone.pretrained=false") from None
+
+
+def _load_error(e: Exception) -> str:
+    """timm's (or torch's) many-line loading error as a short clause: which keys or shapes differ."""
+    text = str(e)
+    if "weights_only" in text or "Unsupported global" in text:
+        return "refused: it holds pickled objects other than tensors, which could run code"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    details = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    shown = "; ".join(d[:160] + ("..." if len(d) > 160 else "") for d in details[:3])
+    return f"its tensors do not match the model ({shown or (lines[0] if lines else type(e).__name__)})"
+
+
+def _exported_from(path: str) -> str:
+    """' (saved from timm model vit_tiny_patch16_224 at img_size 64)' for a file fgvr exported, else ''."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return ""
+    if "timm_model" not in meta:
+        return ""
+    return f" (saved from timm model {meta['timm_model']} at img_size {meta.get('img_size')})"
 
 
 class Tokens(NamedTuple):

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fgvr.errors import FgvrError
+from fgvr.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -42,15 +45,6 @@ def run_info(name: str) -> RunInfo:
     overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "+experiment=", "experiment="))]
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     return RunInfo(run_dir, " ".join([name, *overrides]), group, choices)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary name, then rename: readers never see half a file. Makes the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -103,14 +97,44 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
+# Seconds wandb.init may spend reaching the W&B server (wandb-core retries within them) before the run
+# goes on offline; wandb adds at most 10 s of grace should its service not answer, so ~30 s at worst.
+INIT_TIMEOUT = 20.0
+
+
 def init_wandb(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
-    """wandb.init for a run dir: its W&B files inside it, the run `run_id` continued if given,
-    the mode chosen by wandb_mode, W&B's own console output off."""
+    """wandb.init for a run dir: its W&B files inside it, the run `run_id` continued if given (else a
+    new run), the mode chosen by wandb_mode, W&B's own console output off. A W&B server that cannot be
+    reached (or refuses the key) within INIT_TIMEOUT s costs one warning: the run logs offline."""
+    from urllib.parse import urlparse
+
     import wandb
 
-    return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=run_id,
-                      resume="allow", mode=wandb_mode(logger_cfg.mode),
-                      settings=wandb.Settings(console="off", silent=True), **kwargs)
+    def init(mode: str, **settings: Any):
+        return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=run_id,
+                          resume="allow" if run_id else None, mode=mode,
+                          settings=wandb.Settings(console="off", silent=True, **settings), **kwargs)
+
+    mode = wandb_mode(logger_cfg.mode)
+    if mode != "online":
+        return init(mode)
+    try:
+        return init(mode, init_timeout=INIT_TIMEOUT)
+    except (wandb.errors.CommError, TimeoutError) as e:  # TimeoutError: wandb's service did not answer at all
+        error = e
+    host = urlparse(wandb.setup().settings.base_url).netloc  # the one tried: WANDB_BASE_URL, `wandb login --host`, ...
+    # The failed attempt leaves its run half-started in wandb's service (its id "in use"): end the service;
+    # the offline run starts a new one.
+    wandb.teardown()
+    run = init("offline")
+    text = (str(error) or type(error).__name__).strip().splitlines()[0]
+    reason = text.rsplit(": ", 1)[-1][:100]  # wandb-core's last cause: "connection refused", "no such host", ...
+    reason = "timed out" if reason == "context deadline exceeded" else reason  # Go's words for it
+    what = (f"{host} refused the API key" if isinstance(error, wandb.errors.AuthenticationError)
+            else f"could not reach {host} within {INIT_TIMEOUT:g} s")
+    log.warning("W&B: %s (%s); logging offline to %s; upload later with `wandb sync %s`",
+                what, reason, run.settings.sync_dir, run.settings.sync_dir)
+    return run
 
 
 class RunLogger:
@@ -159,14 +183,27 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.mark_preempting()
 
-    def finish(self, results: dict) -> None:
+    def finish(self, results: dict | None) -> None:
+        """Write results.json (unless None: a failed re-evaluation keeps the one there) and close the
+        files and the W&B run. A results.json that cannot be written (a full disk) is an error only
+        for a run that finished; a failed run's own error is the one that matters."""
         if not self.enabled:
             return
-        write_json(self.run.dir / "results.json", results)
+        error = None
+        if results is not None:
+            try:
+                write_json(self.run.dir / "results.json", results)
+            except FgvrError as e:
+                error = e
+                log.error("%s", e)
         self.metrics.close()
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in flatten(results).items() if isinstance(v, (int, float, str))})
-            self.wandb.finish(exit_code=0 if results.get("status") == "finished" else 1)
+            if results is not None:
+                self.wandb.summary.update({k: v for k, v in flatten(results).items()
+                                           if isinstance(v, (int, float, str))})
+            self.wandb.finish(exit_code=0 if (results or {}).get("status") == "finished" else 1)
+        if error is not None and results["status"] == "finished":
+            raise error
 
 
 def git_sha() -> str | None:

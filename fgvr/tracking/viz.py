@@ -6,7 +6,7 @@ ground-truth box (white, where the data has one), the crop the second pass saw, 
 prediction against the label. With the texture branch it also shows its regions (yellow, the
 gate's weight beside each; thin where the weight is 0) and a strip with the best region and the
 four filters that respond most to it: each kernel (real part) above its response. With
-logger=wandb in the run, the same panels go to its W&B run as a table."""
+logger=wandb in the run, the same panels go as a table to a new W&B run in the run's group."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import cv2
 import numpy as np
 import torch
 
-from fgvr.config import VizConfig
-from fgvr.engine.evaluate import check_split, load_run, split_loader
-from fgvr.errors import ConfigError
+from fgvr.config import VizConfig, check_values
+from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output_path, split_loader
 from fgvr.tracking.run import init_wandb
 
 log = logging.getLogger(__name__)
@@ -93,43 +92,46 @@ def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: n
 @torch.no_grad()
 def visualise(cfg: VizConfig) -> list[Path]:
     """Write the figures for the first cfg.n images of the split; returns their paths."""
-    if cfg.n < 1:
-        raise ConfigError(f"n={cfg.n}: must be at least 1")
+    check_values(cfg, VizConfig)
     check_split(cfg.split)
-    run = load_run(cfg.ckpt, cfg.device, cfg.data_root)
+    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, "viz")
+    run = load_run(cfg.ckpt, cfg.device, cfg.data_root, skip_bad=cfg.skip_bad)
     model, classes = run.model, run.state["classes"]
-    out_dir = Path(cfg.out) if cfg.out else run.path.parent.parent / "viz"
+    earlier = sorted(out_dir.glob(f"{cfg.split}_*.png")) if out_dir.is_dir() else []
+    if earlier:
+        log.warning("replacing the %d %s figures already in %s", len(earlier), cfg.split, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, paths = [], []
-    for batch in split_loader(run, cfg.split):
-        images = batch.images.to(run.device).float()
-        logits, extras = model(images, batch.boxes.to(run.device))
-        shown = model.to_input(images)  # what the first pass saw, at the input size
-        preds = logits.argmax(-1).cpu().tolist()
-        boxes, scores = extras.get("boxes"), extras.get("scores")
-        crops = model.crops(model.selector_source(images, shown), boxes).cpu() if boxes is not None else None
-        shown = shown.cpu()
-        boxes = boxes.cpu().tolist() if boxes is not None else None
-        scores = scores.float().cpu().numpy() if scores is not None else None
-        truths = batch.boxes * model.input_size
-        regions, strips = _texture(model, images, extras) if model.texture is not None else (None, None)
-        for i in range(min(len(images), cfg.n - len(paths))):
-            pred, label = preds[i], int(batch.labels[i])
-            truth = truths[i].tolist() if truths[i].isfinite().all() else None
-            figure = render(_to_uint8(shown[i]), scores[i] if scores is not None else None,
-                            boxes[i] if boxes is not None else None, truth,
-                            _to_uint8(crops[i]) if crops is not None else None,
-                            f"pred {classes[pred]} | label {classes[label]}", pred == label,
-                            regions[i] if regions is not None else None, strips[i] if strips is not None else None)
-            path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
-            cv2.imwrite(str(path), figure[..., ::-1])
-            paths.append(path)
-            rows.append((path, classes[pred], classes[label], pred == label))
-        if len(paths) >= cfg.n:
-            break
+    with run.loaders:  # their workers end here, not at exit
+        for batch in split_loader(run, cfg.split):
+            images = batch.images.to(run.device).float()
+            logits, extras = model(images, batch.boxes.to(run.device))
+            shown = model.to_input(images)  # what the first pass saw, at the input size
+            preds = logits.argmax(-1).cpu().tolist()
+            boxes, scores = extras.get("boxes"), extras.get("scores")
+            crops = model.crops(model.selector_source(images, shown), boxes).cpu() if boxes is not None else None
+            shown = shown.cpu()
+            boxes = boxes.cpu().tolist() if boxes is not None else None
+            scores = scores.float().cpu().numpy() if scores is not None else None
+            truths = batch.boxes * model.input_size
+            regions, strips = _texture(model, images, extras) if model.texture is not None else (None, None)
+            for i in range(min(len(images), cfg.n - len(paths))):
+                pred, label = preds[i], int(batch.labels[i])
+                truth = truths[i].tolist() if truths[i].isfinite().all() else None
+                figure = render(_to_uint8(shown[i]), scores[i] if scores is not None else None,
+                                boxes[i] if boxes is not None else None, truth,
+                                _to_uint8(crops[i]) if crops is not None else None,
+                                f"pred {classes[pred]} | label {classes[label]}", pred == label,
+                                regions[i] if regions is not None else None, strips[i] if strips is not None else None)
+                path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
+                cv2.imwrite(str(path), figure[..., ::-1])
+                paths.append(path)
+                rows.append((path, classes[pred], classes[label], pred == label))
+            if len(paths) >= cfg.n:
+                break
     log.info("wrote %d figures to %s", len(paths), out_dir)
     if run.cfg.logger.name == "wandb":
-        _to_wandb(run, rows, cfg.split)
+        _to_wandb(run, rows, cfg.split, out_dir)
     return paths
 
 
@@ -150,11 +152,15 @@ def _texture(model, images: torch.Tensor, extras: dict) -> tuple[list, list]:
     return regions, strips
 
 
-def _to_wandb(run, rows: list, split: str) -> None:
-    """The figures as a table in the run's own W&B run (resumed by its id)."""
+def _to_wandb(run, rows: list, split: str, out_dir: Path) -> None:
+    """The figures as a table in a new W&B run (job_type viz, its files in `out_dir`) in the group of
+    the run's own W&B run: its sweep, else the run itself. That run stays as it ended."""
     import wandb
 
-    wb = init_wandb(run.cfg.logger, run.path.parent.parent, run.state.get("wandb_id"))
+    original = run.state.get("wandb_id")
+    name = run.state.get("run_name") or original or run.path.parent.parent.name  # older checkpoints: the id
+    wb = init_wandb(run.cfg.logger, out_dir, None, name=f"{name}-viz", group=run.state.get("run_group") or original,
+                    job_type="viz", tags=list(run.cfg.logger.get("tags") or []))
     table = wandb.Table(columns=["figure", "prediction", "label", "correct"])
     for path, pred, label, correct in rows:
         table.add_data(wandb.Image(str(path)), pred, label, correct)

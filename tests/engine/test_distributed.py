@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fgvr.data.dataset import EpochSampler
 from fgvr.engine import checkpoint, distributed
+from fgvr.config import EvalConfig
 from fgvr.engine.evaluate import evaluate_checkpoint
 from fgvr.engine.optim import scaled_lr
 from fgvr.errors import ConfigError
@@ -92,9 +93,8 @@ def test_two_processes_train_like_one_with_their_combined_batch(train_run, tmp_p
     test = [e for e in read_events(ddp_dir / "metrics.jsonl") if e.get("split") == "test"]
     assert len(test) == 1  # rank 0 alone writes
     assert sorted(p.name for p in ddp_dir.iterdir()) == sorted(p.name for p in single_dir.iterdir())
-    again = evaluate_checkpoint(OmegaConf.create({"ckpt": str(ddp_dir), "split": "test", "device": "cpu",
-                                                  "batch_size": None, "data_root": None}))
-    assert again["acc"] == ddp["test_acc"] and again["num_images"] == 32  # not one rank's 16
+    again = evaluate_checkpoint(EvalConfig(ckpt=str(ddp_dir), device="cpu"))
+    assert again["acc"] == ddp["test_acc"] and again["images"] == 32  # not one rank's 16
 
 
 @pytest.mark.slow

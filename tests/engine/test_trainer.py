@@ -128,7 +128,7 @@ def test_broken_image_in_a_worker_is_one_line_or_skipped(train_run, cub_root):
         train_run(*data)
     assert str(error.value) == f"{images[1]}: not a decodable image; remove it or set data.skip_bad=true"
     results, _ = train_run(*data, "data.skip_bad=true", run_dir=cub_root.parent / "skip")
-    assert results["status"] == "finished" and results["skipped_images"] == 1
+    assert results["status"] == "finished" and results["skipped_images"] == {"train": 1, "val": 0, "test": 0}
 
 
 def test_accumulation_longer_than_an_epoch_is_refused(train_run):
@@ -232,7 +232,7 @@ def test_eval_of_val_without_a_val_split_is_refused(train_run):
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = fgvr("eval", f"ckpt={bad}", cwd=tmp_path, check=False)
+    proc = fgvr("eval", f"ckpt={bad}", f"out={tmp_path / 'eval.json'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a readable checkpoint" in proc.stderr
 
 

@@ -30,8 +30,8 @@ def test_viz_writes_one_png_per_image_and_a_wandb_table(train_run, tmp_path):
     assert [p.name for p in paths] == [f"test_{k:03d}.png" for k in range(5)]
     assert all(p.parent == run_dir / "viz" for p in paths)
     assert cv2.imread(str(paths[0])).shape == (28 + PANEL, 2 * PANEL, 3)
-    logs = b"".join(p.read_bytes() for p in (run_dir / "wandb").rglob("*.wandb"))
-    assert b"viz/test" in logs  # the table went to the run's (offline) W&B run
+    logs = b"".join(p.read_bytes() for p in (run_dir / "viz" / "wandb").rglob("*.wandb"))
+    assert b"viz/test" in logs  # the table went to a new (offline) W&B run beside the figures
 
 
 @pytest.mark.slow  # four `fgvr viz` subprocesses (~45 s); visualise() itself is tested in-process above
@@ -41,7 +41,7 @@ def test_viz_command_and_its_errors(train_run, tmp_path):
     fgvr("viz", f"ckpt={run_dir}", "n=2", "split=val", f"out={out}", cwd=tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["val_000.png", "val_001.png"]
     assert cv2.imread(str(out / "val_000.png")).shape == (28 + PANEL, PANEL, 3)
-    for args, message in [([f"ckpt={run_dir}", "n=0"], "n=0: must be at least 1"),
+    for args, message in [([f"ckpt={run_dir}", "n=0"], "n=0: must be >= 1"),
                           ([f"ckpt={run_dir}", "split=train"], "split=train: choose test or val"),
                           (["ckpt=/nope"], "ckpt=/nope: no such file or run dir")]:
         proc = fgvr("viz", *args, cwd=tmp_path, check=False)

@@ -1,0 +1,50 @@
+"""Writes that matter: to a temporary name in the same folder, then renamed into place, so a
+reader never sees half a file and a failed write leaves nothing behind but the old file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from fgvr.errors import FgvrError
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], size_hint: int | None = None) -> None:
+    """Call `write` on a temporary file next to `path`, sync it and rename it to `path`.
+
+    On failure the temporary file is removed and `path` keeps its previous content; a full disk or
+    another OS error is one line naming the path (and, for a full disk, the space it needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e, size_hint) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_error(path: Path, e: OSError, size_hint: int | None = None) -> FgvrError:
+    """An OSError while writing `path` as one line; for a full disk, how much was needed and free."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        need = f"about {size_hint / 2**20:.1f} MB needed, " if size_hint else ""
+        return FgvrError(f"{path}: no space left on the device ({need}{free / 2**20:.1f} MB free); "
+                         "free some space or move the run dir, then relaunch to resume")
+    return FgvrError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data), len(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())

@@ -1,0 +1,127 @@
+"""A run directory and its contract.
+
+    <run dir>/
+      .hydra/config.yaml, overrides.yaml, hydra.yaml   the config, once the run is accepted
+      train.log                                         the console log of every launch into it
+      metrics.jsonl                                     one JSON event a line (train, val, test, resumed, ...)
+      checkpoints/last.pt, best.pt                      weights-only checkpoints
+      results.json                                      written at the end: status, accuracy, cost, ...
+      backbone.safetensors                              trainer.export_backbone=true
+      eval_<split>.json, viz/                           fgvr eval, fgvr viz
+      .lock                                             held (flock) by the process that writes the run
+
+One process writes a run dir at a time: a second launch into it stops in one line. A launch
+that is refused (other settings, a finished run) writes nothing there; the config and the
+log file are only written once the run is accepted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from fgvr.errors import FgvrError
+from fgvr.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+# The lock files this process holds. A forked child (a data loader worker) closes its copies at once:
+# an flock lasts while any copy is open, and a worker that outlived a killed main process would
+# otherwise keep the run dir locked against the job that resumes it.
+_held: set[int] = set()
+
+
+def _close_held() -> None:
+    for fd in _held:
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held)
+
+
+class RunDir:
+    """The files of one run, by name; `locked()` while writing them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.hydra = self.path / ".hydra"
+        self.config = self.hydra / "config.yaml"
+        self.log = self.path / "train.log"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+        self.results = self.path / "results.json"
+        self.backbone = self.path / "backbone.safetensors"
+        self.viz = self.path / "viz"
+        self.lock_file = self.path / ".lock"
+
+    def eval_file(self, split: str) -> Path:
+        return self.path / f"eval_{split}.json"
+
+    def read_results(self) -> dict | None:
+        """results.json of an earlier launch; None if there is none (or it is not valid JSON)."""
+        try:
+            return json.loads(self.results.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run dir's lock (an flock on .lock, released when the process ends however it ends)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise FgvrError(f"{self.path}: another fgvr process is writing this run dir right now; wait for it to "
+                            "end, or give this run another hydra.run.dir") from None
+        _held.add(fd)
+        try:
+            yield
+        finally:
+            _held.discard(fd)
+            os.close(fd)
+
+    def write_config(self, config: Any) -> None:
+        """Record the accepted run's config in .hydra/, as Hydra lays it out (and its overrides)."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        write_text_atomic(self.config, OmegaConf.to_yaml(config))
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            write_text_atomic(self.hydra / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
+            write_text_atomic(self.hydra / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+
+    @contextmanager
+    def logging_to_file(self) -> Iterator[None]:
+        """While active, the root logger's records also go to train.log, formatted as on the console."""
+        root = logging.getLogger()
+        handler = logging.FileHandler(self.log)
+        console = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+        handler.setFormatter(console or logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+    def discard_if_empty(self) -> None:
+        """Remove the folder if nothing was written into it (Hydra makes it before the task runs)."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+

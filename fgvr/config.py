@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -42,6 +43,7 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
 def check_values(cfg: Any, schema: type, prefix: str = "") -> None:
     """Every bounded field of the schema (and of its nested sections) within its range: sizes,
     counts and fractions a config can type correctly but not mean (batch_size=0, val_fraction=1.5)."""
+    hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         value = cfg.get(f.name) if hasattr(cfg, "get") else None
         if value is None:
@@ -50,11 +52,10 @@ def check_values(cfg: Any, schema: type, prefix: str = "") -> None:
         if "range" in f.metadata and isinstance(value, (int, float)):
             if not math.isfinite(value) or not _in_range(value, *f.metadata["range"]):
                 raise ConfigError(f"{key}={value}: must be {_range_text(*f.metadata['range'])}")
-        nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(nested):
-            check_values(value, type(nested), key + ".")
-        elif f.name == "synth":
-            check_values(value, SynthConfig, key + ".")
+        section = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)),
+                       None)  # a nested section, Optional ones included
+        if section is not None:
+            check_values(value, section, key + ".")
 
 
 def config_dir() -> Path:
@@ -122,7 +123,8 @@ class SynthKind(Enum):
 
 @dataclass
 class SynthConfig:
-    """The generated data sets (fgvr/data/synth.py). The `parts` knobs apply to kind=parts only."""
+    """The generated data sets (fgvr/data/synth.py). The `parts` knobs apply to kind=parts only (and
+    are range-checked there, where they depend on each other)."""
 
     kind: SynthKind = SynthKind.discs
     num_classes: int = bounded(10, 2)
@@ -131,11 +133,10 @@ class SynthConfig:
     image_size: int = bounded(96, 8)  # side of the stored images (the source resolution)
     distractors: int = bounded(3, 0)
     seed: int = 0
-    groups: int = bounded(4, 1)  # parts: part colours; classes of a colour differ only in the fine detail
-    part_size: float = bounded(0.2, 0, 1, low_open=True)  # parts: the part's diameter, as a fraction of the image side
-    # parts: the fine grating's frequency, cycles per pixel of the stored image
-    detail_freq: float = bounded(0.25, 0, 0.5, low_open=True)
-    distractor_similarity: float = bounded(0.3, 0, 1)  # parts: 0 grey distractors .. 1 as saturated as the part
+    groups: int = 4  # parts: part colours; classes of a colour differ only in the fine detail
+    part_size: float = 0.2  # parts: the part's diameter, as a fraction of the image side
+    detail_freq: float = 0.25  # parts: the fine grating's frequency, cycles per pixel of the stored image
+    distractor_similarity: float = 0.3  # parts: 0 grey distractors .. 1 as saturated as the part
 
 
 @dataclass

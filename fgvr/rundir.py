@@ -57,7 +57,6 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
         self.last = self.checkpoints / "last.pt"
-        self.best = self.checkpoints / "best.pt"
         self.results = self.path / "results.json"
         self.backbone = self.path / "backbone.safetensors"
         self.viz = self.path / "viz"

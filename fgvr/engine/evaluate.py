@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,16 +43,16 @@ def run_dir_of(checkpoint: Path) -> RunDir | None:
     return RunDir(folder) if checkpoint.parent.name == "checkpoints" and is_run_dir(folder) else None
 
 
-def output_path(ckpt: Path, out: str | None, default: str, option: str = "out") -> Path:
-    """Where eval/viz write: `out` if given, else `default` inside the checkpoint's run dir; a loose
+def output_path(ckpt: Path, out: str | None, default: Callable[[RunDir], Path]) -> Path:
+    """Where eval/viz write: `out` if given, else `default(the checkpoint's run dir)`; a loose
     checkpoint needs `out` (its folder is nobody's run dir to write into)."""
     if out:
         return Path(out).expanduser()
     run = run_dir_of(ckpt)
     if run is None:
         raise ConfigError(f"ckpt={ckpt} is not inside a run dir (<run dir>/checkpoints/*.pt); say where to write "
-                          f"with {option}=PATH")
-    return run.path / default
+                          "with out=PATH")
+    return default(run)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     """Evaluate on cfg.split; writes eval_<split>.json into the checkpoint's run dir (or to out=)."""
     check_values(cfg, EvalConfig)
     check_split(cfg.split)
-    out = output_path(checkpoint_path(cfg.ckpt), cfg.out, f"eval_{cfg.split}.json")
+    out = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.eval_file(cfg.split))
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
     with run.loaders:  # their workers end here, not at exit
         metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,

@@ -18,6 +18,7 @@ from typing import Any
 
 from fgvr.errors import FgvrError
 from fgvr.files import write_text_atomic
+from fgvr.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def run_info(name: str) -> RunInfo:
 
 def is_run_dir(path: Path) -> bool:
     """A run's folder: Hydra's .hydra/ or the results.json every run ends with."""
-    return (path / ".hydra").is_dir() or (path / "results.json").is_file()
+    run = RunDir(path)
+    return run.hydra.is_dir() or run.results.is_file()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -148,7 +150,7 @@ class RunLogger:
         self.metrics = self.wandb = None
         if not enabled:
             return
-        path = run.dir / "metrics.jsonl"
+        path = RunDir(run.dir).metrics
         if resume_step is not None and path.is_file():
             # Events after the checkpoint come from work the resumed run redoes: drop them.
             kept = [e for e in read_events(path) if e["step"] <= resume_step and e.get("split") != "test"]
@@ -192,7 +194,7 @@ class RunLogger:
         error = None
         if results is not None:
             try:
-                write_json(self.run.dir / "results.json", results)
+                write_json(RunDir(self.run.dir).results, results)
             except FgvrError as e:
                 error = e
                 log.error("%s", e)

@@ -94,7 +94,7 @@ def visualise(cfg: VizConfig) -> list[Path]:
     """Write the figures for the first cfg.n images of the split; returns their paths."""
     check_values(cfg, VizConfig)
     check_split(cfg.split)
-    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, "viz")
+    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz)
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, skip_bad=cfg.skip_bad)
     model, classes = run.model, run.state["classes"]
     earlier = sorted(out_dir.glob(f"{cfg.split}_*.png")) if out_dir.is_dir() else []

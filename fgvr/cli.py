@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"fgvr {command}", *rest]
     try:
         _hydra_app(command)()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print(f"fgvr {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if multirun:
             _sweep_summary(failure=e)
@@ -120,7 +123,8 @@ def _hydra_app(command: str):
 def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
     from fgvr.errors import RunInterrupted
-    from fgvr.tracking.run import run_info
+    from fgvr.rundir import RunDir
+    from fgvr.tracking.run import run_info, write_json
 
     run = run_info(cfg.name)
     try:
@@ -131,13 +135,18 @@ def _train_task(cfg) -> float | None:
             raise
         message, _ = user_error(e, "train")  # a sweep goes on with its other runs; results.json says why
         log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
+        results = RunDir(run.dir).results
+        if not results.exists():  # a job refused before it started (a value out of range): the summary counts it
+            write_json(results, {"status": "failed", "error": f"{type(e).__name__}: {message or e}"})
         return None
     if results["status"] == "interrupted":
         log.warning("stopped by %s at step %d; %s/checkpoints/last.pt holds the run: relaunching with this run dir "
                     "resumes it", results["signal"], results["steps"], run.dir)
         # Hand the signal to whoever listened before training: submitit requeues the job (and exits),
         # a plain process ends. If the listener lets the job go on, the run is still unfinished.
-        signal.raise_signal(signal.Signals[results["signal"]])
+        # Ctrl-C (SIGINT) was the user's: it ends here, in one line.
+        if results["signal"] != "SIGINT":
+            signal.raise_signal(signal.Signals[results["signal"]])
         raise RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
                              "end; relaunch with this run dir to resume it")
     return results["test_acc"]
@@ -198,6 +207,8 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
 
     if isinstance(e, FgvrError):
         return str(e), e.exit_code
+    if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)) and e.filename:
+        return f"{e.filename}: {e.strerror}", 1  # e.g. hydra.run.dir or out= naming a file where a folder goes
     if type(e).__module__.startswith("submitit."):  # the launcher gave up on a SLURM (or local) job
         return _job_error(str(e)), 1
     if isinstance(e, MissingConfigException):

@@ -216,7 +216,7 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     name: str = MISSING
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**31 - 1)  # NumPy's seeds end at 2**32 - 1; a rank's seed adds to it
     resume: str = "auto"  # auto | never | /path/to/checkpoint.pt
     paths: PathsConfig = field(default_factory=PathsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

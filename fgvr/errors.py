@@ -25,4 +25,7 @@ class DataError(FgvrError):
 
 
 class RunInterrupted(FgvrError):
-    """A run stopped on a signal with its checkpoint saved, and nothing relaunched it."""
+    """A run stopped on a signal with its checkpoint saved, and nothing relaunched it. Exit code 130
+    (the shell's code for Ctrl-C, the usual way here)."""
+
+    exit_code = 130

@@ -26,8 +26,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], size_hint:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e, size_hint) from None
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise write_error(path, cause, size_hint) from None
     finally:
         tmp.unlink(missing_ok=True)
 

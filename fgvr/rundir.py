@@ -73,8 +73,9 @@ class RunDir:
             return None
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the run dir's lock (an flock on .lock, released when the process ends however it ends)."""
+    def locked(self, hint: str = "or give this run another hydra.run.dir") -> Iterator[None]:
+        """Hold the run dir's lock (an flock on .lock, released when the process ends however it ends);
+        if another process holds it, one line that ends with `hint`."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -84,7 +85,7 @@ class RunDir:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             raise FgvrError(f"{self.path}: another fgvr process is writing this run dir right now; wait for it to "
-                            "end, or give this run another hydra.run.dir") from None
+                            f"end, {hint}") from None
         _held.add(fd)
         try:
             yield

@@ -82,6 +82,8 @@ def inspect_image(path: str, decode: bool = True) -> ImageInfo:
             info = ImageInfo("", im.mode, im.format or "?", *im.size)
     except FileNotFoundError:
         return ImageInfo("missing", "", "", 0, 0)
+    except Image.DecompressionBombError:  # PIL's guard against images too large to decode safely
+        return ImageInfo("too large to decode safely", "", "", 0, 0)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return ImageInfo("unreadable", "", "", 0, 0)
     if decode:

@@ -63,7 +63,10 @@ class ImageDataset(Dataset):
             raise
         seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         self.transform.set_random_seed(int(seed))
-        out = self.transform(image=image, bboxes=box[None] if np.isfinite(box).all() else np.zeros((0, 4), np.float32))
+        h, w = image.shape[:2]
+        box = np.clip(box, 0, (w, h, w, h))  # an annotation past the image's edge: the part inside it
+        known = np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]  # else: no box (NaN)
+        out = self.transform(image=image, bboxes=box[None] if known else np.zeros((0, 4), np.float32))
         image = out["image"]
         h, w = image.shape[:2]
         box = out["bboxes"][0] / (w, h, w, h) if len(out["bboxes"]) else np.full(4, np.nan)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,15 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise FgvrError(f"{path}: checkpoint not found")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
-            raise FgvrError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+            reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+            raise FgvrError(f"{path}: not a readable checkpoint (not only tensors and plain values"
+                            f"{': ' + reason.group(1).strip() if reason else ''})") from None
         raise FgvrError(f"{path}: refused to load: it holds pickled objects other than tensors and plain values "
                         f"({found.group(1)}), which could run code; fgvr reads only checkpoints written by fgvr "
                         "train") from None

@@ -181,7 +181,7 @@ def launch_local(fn, args: tuple, nprocs: int, logging_config: dict | None = Non
     """Run `fn(*args)` in `nprocs` new processes that form one process group on this machine.
 
     SIGTERM and SIGUSR2 sent to this process are passed on to the workers, which save and stop
-    at their next step. Raises WorkerFailed if a worker fails or dies."""
+    at their next step; Ctrl-C reaches them from the terminal (their process group) and is left to them. Raises WorkerFailed if a worker fails or dies."""
     import torch.multiprocessing as mp
 
     ranks = int(os.environ.get("WORLD_SIZE", "1")) * _job_tasks()
@@ -197,6 +197,7 @@ def launch_local(fn, args: tuple, nprocs: int, logging_config: dict | None = Non
                 os.kill(p.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers itself
     try:
         while not context.join():
             pass

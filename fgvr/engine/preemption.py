@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class Interrupted(Exception):
@@ -27,7 +27,8 @@ class Interrupted(Exception):
 
 
 class StopOnSignal:
-    """While active, SIGTERM and SIGUSR2 only set `requested` (the signal number)."""
+    """While active, SIGTERM, SIGUSR2 and a first Ctrl-C (SIGINT) only set `requested` (the signal
+    number); a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.requested: int | None = None
@@ -36,8 +37,11 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         # Only a flag: a handler may run inside any call, logging's own writes included.
-        if os.getpid() == self._pid:  # not a forked data loader worker: the main process decides
-            self.requested = signum
+        if os.getpid() != self._pid:  # a forked data loader worker: the main process decides
+            return
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without saving
+        self.requested = signum
 
     def __enter__(self) -> StopOnSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -57,10 +61,11 @@ def protect_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn. SLURM signals every process of a job step, workers included; a
     worker that died at once would fail the main process's step before it could save.
 
-    SIGUSR2 is ignored. SIGTERM ends the worker WORKER_GRACE_S later instead of at once (the
+    SIGUSR2 and SIGINT are ignored. SIGTERM ends the worker WORKER_GRACE_S later instead of at once (the
     DataLoader also uses SIGTERM to end a stuck worker, so it cannot simply be ignored); by then
     the main process has saved and shut its workers down."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process decides
     signal.signal(signal.SIGTERM, _exit_later)
 
 

@@ -116,6 +116,7 @@ def has_key(config: dict, key: str) -> bool:
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint a launch into `run_dir` starts from (None: from scratch), as `resume` says."""
     last = RunDir(run_dir).last
     if resume == "auto":
         return last if last.is_file() else None
@@ -132,6 +133,11 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, evaluate, a run dir or a .pt file")
+    if last.is_file() and path.resolve() != last.resolve():
+        # The run started from that checkpoint and has its own now (a relaunch, a requeued job): go on from
+        # its own, never back to the start.
+        log.info("resume=%s: %s has its own checkpoints/last.pt by now; going on from it", resume, run_dir)
+        return last
     return path
 
 
@@ -260,7 +266,7 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
                  "(resume=evaluate evaluates it again)", run.dir, finished.get("test_acc") or math.nan)
         return finished
     evaluating = cfg.resume == "evaluate"
-    if dist.is_main:
+    if dist.is_main and not evaluating:  # the config stays the one the run was trained with
         rundir.write_config(cfg)
 
     results: dict = {
@@ -359,9 +365,13 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
         else:
             log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
                         len(state["rng"]), dist.world_size)
-        log.info("resumed from %s at step %d (epoch %d%s)", RunDir(run.dir).last, step, epoch + 1,
-                 f", {position} samples in" if position else "")
-        tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
+        if epoch < t.epochs:
+            log.info("resumed from %s at step %d (epoch %d%s)", RunDir(run.dir).last, step, epoch + 1,
+                     f", {position} samples in" if position else "")
+            tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
+        else:  # trained to the end (resume=evaluate, or a run that stopped before its test evaluation)
+            log.info("%s: trained to the end (step %d); evaluating it", RunDir(run.dir).last, step)
+            tracker.event("evaluating", step=step, slurm_job_id=slurm_job_id())
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.enabled else model
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None  # after DDP: rank 0's weights everywhere

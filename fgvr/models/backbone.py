@@ -33,7 +33,8 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
     optional |= {k: kwargs.pop(k) for k in OPTIONAL_KWARGS if k in kwargs}
     while True:
         try:
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs, **optional)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs, **optional)
+            break
         except TypeError as e:
             dropped = next((k for k in optional if f"'{k}'" in str(e)), None)
             if dropped is None and "unexpected keyword argument" in str(e):
@@ -41,7 +42,7 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
             if dropped is None:
                 raise
             optional.pop(dropped)  # e.g. CNNs take no img_size: the option does not apply to them
-        except (RuntimeError, ValueError) as e:  # timm reads the file weights-only and loads it strictly
+        except (RuntimeError, ValueError) as e:  # timm reads the file weights-only; shapes must match
             if checkpoint is None:
                 raise
             raise ConfigError(f"backbone.checkpoint={checkpoint}: {_load_error(e)}; the file"
@@ -52,6 +53,29 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
             raise FgvrError(f"cannot download pretrained weights for backbone.name={name} ({type(e).__name__}); "
                             "pass a local file with backbone.checkpoint=/path/to/weights.safetensors, "
                             "or train from scratch with backbone.pretrained=false") from None
+    if checkpoint is not None:
+        missing = _not_in_file(model, checkpoint)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+            raise ConfigError(f"backbone.checkpoint={checkpoint}: its tensors do not match the model (missing "
+                              f"{shown}); the file{_exported_from(checkpoint)} does not fit backbone.name={name}")
+    return model
+
+
+def _not_in_file(model: nn.Module, path: str) -> list[str]:
+    """The model's tensors a weights file does not hold. timm loads a file non-strictly once it has
+    dropped the classifier (num_classes=0), so a file of another model would otherwise load nothing
+    and say nothing. The file's keys go through the model family's own checkpoint filter first, as
+    timm's loading does (renamed keys, resampled position embeddings)."""
+    import importlib
+
+    from timm.models import load_state_dict
+
+    state = load_state_dict(path)
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    return [k for k in model.state_dict() if k not in state]
 
 
 def _load_error(e: Exception) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fgvr.config import VizConfig, check_values
-from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output_path, split_loader
+from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output, split_loader
 from fgvr.tracking.run import init_wandb
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,11 @@ def visualise(cfg: VizConfig) -> list[Path]:
     """Write the figures for the first cfg.n images of the split; returns their paths."""
     check_values(cfg, VizConfig)
     check_split(cfg.split)
-    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz)
+    with output(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz, Path.is_dir) as out_dir:
+        return _draw(cfg, out_dir)
+
+
+def _draw(cfg: VizConfig, out_dir: Path) -> list[Path]:
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, skip_bad=cfg.skip_bad)
     model, classes = run.model, run.state["classes"]
     earlier = sorted(out_dir.glob(f"{cfg.split}_*.png")) if out_dir.is_dir() else []

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -146,7 +147,10 @@ def test_disk_full_while_saving_a_checkpoint(train_run, tmp_path, monkeypatch):
     def save(obj, f, *args, **kwargs):
         if Path(f.name).name.startswith(".last.pt"):  # the end of epoch 2 meets a full disk
             f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            try:  # as torch reports it: a RuntimeError while handling the OSError
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2060608") from None
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", save)
@@ -217,3 +221,48 @@ def test_a_bad_train_image_in_a_worker_ends_in_one_line_within_seconds(tmp_path,
     assert took < 25  # no 30 s wait for the workers at exit
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed" and str(images[1]) in results["error"]
+
+
+def test_backbone_weights_of_another_model_are_not_loaded_silently(train_run, tmp_path):
+    """timm drops the classifier and then loads non-strictly: a file of another model would load
+    nothing and train from scratch without a word."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    with pytest.raises(ConfigError) as error:
+        train_run("trainer.epochs=1", f"backbone.checkpoint={weights}")
+    assert str(error.value).startswith(f"backbone.checkpoint={weights}: its tensors do not match the model (missing ")
+
+
+def test_boxes_outside_their_image_are_clipped_or_unknown(train_run, cub_root):
+    """A box past the image's edge (an image smaller than its box) or of negative size is not an error:
+    the part inside the image, or no box."""
+    from PIL import Image
+
+    paths = dict(line.split() for line in (cub_root / "images.txt").read_text().splitlines())
+    Image.new("RGB", (6, 6), (200, 30, 30)).save(cub_root / "images" / paths["1"])  # its box is 8..24
+    boxes = (cub_root / "bounding_boxes.txt").read_text().splitlines()
+    boxes[1] = "2 8.0 8.0 -5 -5"
+    (cub_root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
+    results, _ = train_run("data=cub", f"data.root={cub_root}", "data.batch_size=4", "trainer.epochs=1")
+    assert results["status"] == "finished" and results["test_images"] == 6
+
+
+def test_ctrl_c_saves_at_the_step_and_ends_in_one_line(tmp_path):
+    """Ctrl-C (SIGINT, also to the loader workers) stops like a preemption: last.pt at the step in
+    flight, results.json `interrupted`, one line, exit 130; the relaunch resumes."""
+    from tests.engine.test_trainer import _reached, _stop
+
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "trainer.epochs=4", "trainer.log_every=1", "data.synth.train_per_class=40",
+            "data.num_workers=1", f"hydra.run.dir={run_dir}"]
+    code, out = _stop(args, tmp_path, signal.SIGINT, ready=lambda: _reached(run_dir, 3))
+    assert code == 130 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1].startswith(f"fgvr train: error: {run_dir}: stopped by SIGINT at step ")
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGINT"
+    assert checkpoint.load(RunDir(run_dir).last)["step"] == stopped["steps"] >= 3
+    fgvr(*args, cwd=tmp_path)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"

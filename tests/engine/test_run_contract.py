@@ -164,3 +164,43 @@ def test_a_forked_worker_does_not_keep_the_run_dir_locked(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_resume_from_another_checkpoint_never_trains_over_a_run(train_run, tmp_path):
+    _, source = train_run("trainer.epochs=1", run_dir=tmp_path / "source")
+    results, target = train_run("trainer.epochs=2", f"resume={source}", run_dir=tmp_path / "target")
+    assert results["status"] == "finished" and results["steps"] == 10  # went on from the source's epoch 1
+    before = snapshot(target)
+    again, _ = train_run("trainer.epochs=2", f"resume={source}", run_dir=target)  # the same command again
+    assert again == json.loads((target / "results.json").read_text()) and snapshot(target) == before
+
+
+def test_a_sweep_job_with_a_value_out_of_range_is_counted_as_failed(tmp_path):
+    proc = fgvr("train", "--multirun", *TINY, "trainer.epochs=1", "data.batch_size=16,0",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "1 of 2 runs did not finish" in proc.stderr
+    failed = json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())
+    assert failed == {"status": "failed", "error": "ConfigError: data.batch_size=0: must be >= 1"}
+
+
+def test_eval_never_replaces_what_it_did_not_write(train_run, tmp_path):
+    _, run_dir = train_run("trainer.epochs=1")
+    for target in (RunDir(run_dir).last, RunDir(run_dir).results, tmp_path / "notes.json", tmp_path):
+        if target.suffix == ".json" and not target.exists():
+            target.write_text('{"mine": 1}')
+        before = target.read_bytes() if target.is_file() else None
+        with pytest.raises(ConfigError, match="something else is there already"):
+            evaluate_checkpoint(EvalConfig(ckpt=str(run_dir), out=str(target)))
+        assert (target.read_bytes() if target.is_file() else None) == before
+    with pytest.raises(ConfigError, match="something else is there already"):
+        visualise(VizConfig(ckpt=str(run_dir), n=1, out=str(RunDir(run_dir).results)))
+
+
+def test_eval_and_viz_wait_for_a_run_being_written(train_run):
+    _, run_dir = train_run("trainer.epochs=1")
+    with RunDir(run_dir).locked():  # a relaunch still training into the dir
+        with pytest.raises(FgvrError, match="another fgvr process is writing this run dir.*out=PATH"):
+            evaluate_checkpoint(EvalConfig(ckpt=str(run_dir)))
+        with pytest.raises(FgvrError, match="another fgvr process is writing this run dir"):
+            visualise(VizConfig(ckpt=str(run_dir), n=1))
+    assert not RunDir(run_dir).eval_file("test").exists() and not RunDir(run_dir).viz.exists()

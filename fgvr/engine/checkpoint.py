@@ -91,8 +91,9 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
     try:
         model.load_state_dict(weights)
     except RuntimeError:
-        raise FgvrError(f"{path}: its weights do not fit the model its config builds ("
-                        f"{weights_diff(model.state_dict(), weights)}); it was trained with {describe(config)}") from None
+        differ = weights_diff(model.state_dict(), weights)
+        raise FgvrError(f"{path}: its weights do not fit the model its config builds ({differ}); it was trained "
+                        f"with {describe(config)}") from None
 
 
 def weights_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], shown: int = 3) -> str:

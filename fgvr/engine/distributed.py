@@ -181,7 +181,8 @@ def launch_local(fn, args: tuple, nprocs: int, logging_config: dict | None = Non
     """Run `fn(*args)` in `nprocs` new processes that form one process group on this machine.
 
     SIGTERM and SIGUSR2 sent to this process are passed on to the workers, which save and stop
-    at their next step; Ctrl-C reaches them from the terminal (their process group) and is left to them. Raises WorkerFailed if a worker fails or dies."""
+    at their next step; Ctrl-C reaches them from the terminal (their process group) and is left to
+    them. Raises WorkerFailed if a worker fails or dies."""
     import torch.multiprocessing as mp
 
     ranks = int(os.environ.get("WORLD_SIZE", "1")) * _job_tasks()

@@ -123,8 +123,7 @@ def _hydra_app(command: str):
 def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
     from fgvr.errors import RunInterrupted
-    from fgvr.rundir import RunDir
-    from fgvr.tracking.run import run_info, write_json
+    from fgvr.tracking.run import run_info
 
     run = run_info(cfg.name)
     try:
@@ -135,9 +134,6 @@ def _train_task(cfg) -> float | None:
             raise
         message, _ = user_error(e, "train")  # a sweep goes on with its other runs; results.json says why
         log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
-        results = RunDir(run.dir).results
-        if not results.exists():  # a job refused before it started (a value out of range): the summary counts it
-            write_json(results, {"status": "failed", "error": f"{type(e).__name__}: {message or e}"})
         return None
     if results["status"] == "interrupted":
         log.warning("stopped by %s at step %d; %s/checkpoints/last.pt holds the run: relaunching with this run dir "
@@ -148,7 +144,7 @@ def _train_task(cfg) -> float | None:
         if results["signal"] != "SIGINT":
             signal.raise_signal(signal.Signals[results["signal"]])
         raise RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
-                             "end; relaunch with this run dir to resume it")
+                             "end; relaunch with this run dir to resume it", signal.Signals[results["signal"]])
     return results["test_acc"]
 
 

@@ -25,7 +25,9 @@ class DataError(FgvrError):
 
 
 class RunInterrupted(FgvrError):
-    """A run stopped on a signal with its checkpoint saved, and nothing relaunched it. Exit code 130
-    (the shell's code for Ctrl-C, the usual way here)."""
+    """A run stopped on a signal with its checkpoint saved, and nothing relaunched it. Exit code
+    128 + the signal's number, as the shell reports a process the signal ended (130 for Ctrl-C)."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

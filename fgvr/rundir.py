@@ -8,7 +8,7 @@
       results.json                                      written at the end: status, accuracy, cost, ...
       backbone.safetensors                              trainer.export_backbone=true
       eval_<split>.json, viz/                           fgvr eval, fgvr viz
-      .lock                                             held (flock) by the process that writes the run
+      .lock                                             there while a process writes the run (its flock)
 
 One process writes a run dir at a time: a second launch into it stops in one line. A launch
 that is refused (other settings, a finished run) writes nothing there; the config and the
@@ -73,36 +73,67 @@ class RunDir:
             return None
 
     @contextmanager
-    def locked(self, hint: str = "or give this run another hydra.run.dir") -> Iterator[None]:
-        """Hold the run dir's lock (an flock on .lock, released when the process ends however it ends);
-        if another process holds it, one line that ends with `hint`."""
+    def locked(self) -> Iterator[None]:
+        """Hold the run dir's lock: an flock on .lock, which exists while it is held. The lock ends
+        with the process however it ends; another process holding it is one line."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            raise FgvrError(f"{self.path}: another fgvr process is writing this run dir right now; wait for it to "
-                            f"end, {hint}") from None
+        fd = self._acquire()
+        if fd is None:
+            yield
+            return
         _held.add(fd)
         try:
             yield
         finally:
             _held.discard(fd)
+            self.lock_file.unlink(missing_ok=True)  # before the lock ends: whoever opened it sees it replaced
             os.close(fd)
 
-    def write_config(self, config: Any) -> None:
-        """Record the accepted run's config in .hydra/, as Hydra lays it out (and its overrides)."""
-        from hydra.core.hydra_config import HydraConfig
+    def _acquire(self) -> int | None:
+        """The locked .lock's descriptor; None where the file system has no locks (warned once)."""
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise FgvrError(f"{self.path}: another fgvr process is writing this run dir right now; wait "
+                                    "for it to end, or give this run another hydra.run.dir") from None
+                if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                    log.warning("%s: this file system does not lock files (%s); nothing stops two launches into "
+                                "one run dir", self.path, e.strerror)
+                    return None
+                raise
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder removed it as we opened it: take the one there now
+
+    def ensure_idle(self, hint: str) -> None:
+        """One line (ending with `hint`) if a process is writing the run dir; takes no lock itself."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise FgvrError(f"{self.path}: a process is writing this run dir right now; wait for it to end, "
+                                f"{hint}") from None
+        finally:
+            os.close(fd)
+
+    def write_config(self, config: Any, files: dict[str, str]) -> None:
+        """Record the accepted run's config in .hydra/ (and `files`, Hydra's others: overrides.yaml, ...)."""
         from omegaconf import OmegaConf
 
         write_text_atomic(self.config, OmegaConf.to_yaml(config))
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            write_text_atomic(self.hydra / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
-            write_text_atomic(self.hydra / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+        for name, text in files.items():
+            write_text_atomic(self.hydra / name, text)
 
     @contextmanager
     def logging_to_file(self) -> Iterator[None]:

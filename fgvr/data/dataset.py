@@ -178,6 +178,7 @@ class Loaders:
     val: DataLoader | None
     test: DataLoader
     classes: list[str]
+    missing: dict[str, int]  # image files of each split not found, left out with data.skip_bad=true
 
     def close(self) -> None:
         """Stop the persistent workers now. Left to interpreter exit, multiprocessing would SIGTERM
@@ -223,7 +224,9 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
         quick_check(cfg.name, cfg.root, splits, getattr(cfg, "level", None), decode=not cfg.skip_bad)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
-    parts = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
+    found = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
+    missing = {k: len(parts[k]) - len(found[k]) for k in parts}
+    parts = found
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, cpus_per_process())
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     size = round(cfg.img_size * scale)
@@ -257,4 +260,4 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
     test = loader("test", False)
     if test is None:
         raise DataError(f"data.root={cfg.root}: the test split is empty")
-    return Loaders(train, loader("val", False), test, splits.classes)
+    return Loaders(train, loader("val", False), test, splits.classes, missing)

@@ -164,7 +164,7 @@ def _worker(local_rank: int, nprocs: int, port: int, logging_config: dict | None
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
                    "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs)}
     if local_rank == 0 and logging_config:
-        logging.config.dictConfig(logging_config)  # the parent's console and <run dir>/train.log
+        logging.config.dictConfig(logging_config)  # the parent's console; _train adds train.log
     quiet_logging(Dist(local_rank, local_rank, nprocs))
     try:
         fn(*args)

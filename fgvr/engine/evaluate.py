@@ -6,13 +6,11 @@ The checkpoint is read weights-only (engine/checkpoint.py). Outputs go next to t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,23 +44,22 @@ def run_dir_of(checkpoint: Path) -> RunDir | None:
     return RunDir(folder) if checkpoint.parent.name == "checkpoints" and is_run_dir(folder) else None
 
 
-@contextmanager
-def output(ckpt: Path, out: str | None, default: Callable[[RunDir], Path],
-           replaceable: Callable[[Path], bool]) -> Iterator[Path]:
-    """Where eval/viz write, for the whole command: `out` if given, else `default(the checkpoint's run
-    dir)`, with that run dir locked (a run still being trained is not written into). A loose checkpoint
-    needs `out`. Something already there is replaced only if `replaceable` says it is an earlier
-    output of the same kind."""
+def output_path(ckpt: Path, out: str | None, default: Callable[[RunDir], Path],
+                replaceable: Callable[[Path], bool]) -> Path:
+    """Where eval/viz write: `out` if given, else `default(the checkpoint's run dir)` unless a process
+    is writing that run dir (a run still training). A loose checkpoint needs `out`. Something already
+    there is replaced only if `replaceable` says it is an earlier output of the same kind."""
     run = run_dir_of(ckpt)
     if not out and run is None:
         raise ConfigError(f"ckpt={ckpt} is not inside a run dir (<run dir>/checkpoints/*.pt); say where to write "
                           "with out=PATH")
+    if not out:
+        run.ensure_idle("or write elsewhere with out=PATH")
     path = Path(out).expanduser() if out else default(run)
     if path.exists() and not replaceable(path):
         raise ConfigError(f"{'out=' if out else ''}{path}: something else is there already (not an earlier "
                           "output of this command); give out= another path")
-    with contextlib.nullcontext() if out else run.locked("or write elsewhere with out=PATH"):
-        yield path
+    return path
 
 
 @dataclass
@@ -136,16 +133,17 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     """Evaluate on cfg.split; writes eval_<split>.json into the checkpoint's run dir (or to out=)."""
     check_values(cfg, EvalConfig)
     check_split(cfg.split)
-    with output(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.eval_file(cfg.split), _is_evaluation) as out:
-        run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
-        with run.loaders:  # their workers end here, not at exit
-            metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,
-                               autocast_dtype(run.cfg.trainer.precision, run.device))
-        result = {"checkpoint": str(run.path), "split": cfg.split, "epoch": run.state["epoch"],
-                  "step": run.state["step"], "data_root": run.cfg.data.root, **metrics}
-        if out.exists():
-            log.warning("replacing %s (an earlier evaluation)", out)
-        write_json(out, result)
+    out = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.eval_file(cfg.split), _is_evaluation)
+    run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
+    with run.loaders:  # their workers end here, not at exit
+        metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,
+                           autocast_dtype(run.cfg.trainer.precision, run.device))
+    metrics["skipped"] += run.loaders.missing[cfg.split]  # and the files not found
+    result = {"checkpoint": str(run.path), "split": cfg.split, "epoch": run.state["epoch"],
+              "step": run.state["step"], "data_root": run.cfg.data.root, **metrics}
+    if out.exists():
+        log.warning("replacing %s (an earlier evaluation)", out)
+    write_json(out, result)
     log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images%s | %s at epoch %d -> %s", cfg.split, metrics["acc"],
              metrics["top5"], metrics["images"], f", {metrics['skipped']} skipped" if metrics["skipped"] else "",
              run.path, run.state["epoch"], out)

@@ -42,7 +42,7 @@ from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import localisation
 from fgvr.rundir import RunDir
 from fgvr.tracking.console import EpochProgress
-from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions
+from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every"
                      "trainer.limit_eval_batches", "trainer.export_backbone", "data.root", "data.num_workers",
                      "data.eval_batch_size", "data.cache", "data.check_counts", "data.skip_bad", "logger", "resume",
                      "paths", "name")
+# What a checkpoint needs beyond fgvr's checkpoint.REQUIRED to resume a run from it.
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "position", "best", "rng", "num_classes")
 # What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
 EVALUATED = ("test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
              "region_iou", "region_hit", "cost", "cost_error", "backbone_weights", "backbone_weights_error")
@@ -133,12 +135,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, evaluate, a run dir or a .pt file")
-    if last.is_file() and path.resolve() != last.resolve():
-        # The run started from that checkpoint and has its own now (a relaunch, a requeued job): go on from
-        # its own, never back to the start.
-        log.info("resume=%s: %s has its own checkpoints/last.pt by now; going on from it", resume, run_dir)
-        return last
-    return path
+    # A run dir that has its own last.pt by now (a relaunch, a requeued job) goes on from it, never back to
+    # where it started; _admit checks that it did start from `path`.
+    return last if last.is_file() else path
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -194,21 +193,26 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
 
     The run dir is locked while this process (rank 0 of a multi-process run) writes it. With
     trainer.devices=N > 1 the run is one DDP run in N new processes on this machine."""
+    rundir = RunDir(run.dir)
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
         check_values(cfg, TrainConfig)
-    except ConfigError:
-        RunDir(run.dir).discard_if_empty()  # Hydra made it for a run that never starts
+        with rundir.locked() if distributed.from_env().is_main else contextlib.nullcontext():
+            if cfg.trainer.devices > 1:
+                cfg = cfg.copy()
+                OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
+                distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
+                return json.loads(rundir.results.read_text())
+            return _train(cfg, run)
+    except FgvrError as e:
+        if not any(rundir.path.iterdir()):  # refused before it wrote anything: the dir Hydra made for it
+            if run.group is None:
+                rundir.discard_if_empty()
+            else:  # a sweep's job: a record, so that the sweep's summary counts it
+                write_json(rundir.results, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
-    with RunDir(run.dir).locked() if distributed.from_env().is_main else contextlib.nullcontext():
-        if cfg.trainer.devices > 1:
-            cfg = cfg.copy()
-            OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
-            distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
-            return json.loads(RunDir(run.dir).results.read_text())
-        return _train(cfg, run)
 
 
 def _logging_config() -> dict | None:
@@ -231,6 +235,19 @@ def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, 
                               "give this run another hydra.run.dir")
         return None, None
     state = checkpoint.load(ckpt_path)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise FgvrError(f"{ckpt_path}: not a checkpoint to resume from (no {', '.join(missing)}); fgvr eval "
+                        "evaluates it, resume= takes checkpoints/last.pt of a run")
+    state["loaded_from"] = ckpt_path
+    if cfg.resume not in ("auto", "never", "evaluate"):  # resume=<another run's checkpoint>
+        source = Path(cfg.resume)
+        source = (source / "checkpoints" / "last.pt" if source.is_dir() else source).resolve()
+        if ckpt_path.resolve() == source:  # a new run from it: its checkpoints say so
+            state["started_from"] = str(source)
+        elif state.get("started_from") != str(source):  # the dir's own last.pt, of a run that began elsewhere
+            raise ConfigError(f"resume={cfg.resume}: {rundir.path} already holds a run that did not start from that "
+                              "checkpoint; resume=auto continues it, or give a new hydra.run.dir")
     diff = config_diff(state["config"], config)
     newer = [k for k in diff if not has_key(state["config"], k)]  # options added to fgvr since the run began
     if newer:
@@ -267,7 +284,7 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
         return finished
     evaluating = cfg.resume == "evaluate"
     if dist.is_main and not evaluating:  # the config stays the one the run was trained with
-        rundir.write_config(cfg)
+        rundir.write_config(cfg, run.hydra_files)
 
     results: dict = {
         "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
@@ -279,8 +296,9 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     if evaluating:  # what evaluation does not measure stays as the training run wrote it
         results = rundir.read_results() | {"status": "running"}
     with rundir.logging_to_file() if dist.is_main else contextlib.nullcontext():
+        # A re-evaluation keeps the earlier test events: if it fails, they are still the run's record.
         tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
-                            resume_step=state["step"] if state else None, enabled=dist.is_main)
+                            resume_step=state["step"] if state and not evaluating else None, enabled=dist.is_main)
         if state is not None and state["config"]["data"]["root"] != cfg.data.root:
             log.warning("data.root changed from %s to %s: the run goes on with the data there",
                         state["config"]["data"]["root"], cfg.data.root)
@@ -304,8 +322,11 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
                 results["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             else:
                 results["wall_time_s"] = round(time.time() - start_time + (state or {}).get("wall_time_s", 0.0), 2)
-            tracker.finish(None if evaluating and results["status"] != "finished" else results)
-            distributed.teardown()
+                results["ended_at"] = round(time.time(), 3)  # which of two runs of one seed is the newer (tables)
+            try:
+                tracker.finish(None if evaluating and results["status"] != "finished" else results)
+            finally:
+                distributed.teardown()
     return results
 
 
@@ -355,7 +376,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     if state is not None:
         if state["num_classes"] != num_classes:
             raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {num_classes}")
-        checkpoint.load_weights(model, state["model"], RunDir(run.dir).last, state["config"])
+        checkpoint.load_weights(model, state["model"], state["loaded_from"], state["config"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -366,11 +387,11 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
             log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
                         len(state["rng"]), dist.world_size)
         if epoch < t.epochs:
-            log.info("resumed from %s at step %d (epoch %d%s)", RunDir(run.dir).last, step, epoch + 1,
+            log.info("resumed from %s at step %d (epoch %d%s)", state["loaded_from"], step, epoch + 1,
                      f", {position} samples in" if position else "")
             tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
         else:  # trained to the end (resume=evaluate, or a run that stopped before its test evaluation)
-            log.info("%s: trained to the end (step %d); evaluating it", RunDir(run.dir).last, step)
+            log.info("%s: trained to the end (step %d); evaluating it", state["loaded_from"], step)
             tracker.event("evaluating", step=step, slurm_job_id=slurm_job_id())
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.enabled else model
@@ -391,7 +412,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
                 "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
                 "position": position, "best": best, "rng": rng, "config": config, "num_classes": num_classes,
                 "classes": loaders.classes, "wandb_id": tracker.wandb_id, "run_name": run.name,
-                "run_group": run.group,
+                "run_group": run.group, "started_from": (state or {}).get("started_from"),
                 "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
             }, RunDir(run.dir).checkpoints / f"{name}.pt")
 
@@ -478,6 +499,7 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last, dist)
     tracker.log(step=step, epoch=epoch, split="test", **test)
     skipped["test"] = test["skipped"]
+    skipped = {split: n + loaders.missing[split] for split, n in skipped.items()}  # and the files not found
     log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"], test["images"], run.dir)
     if any(skipped.values()):
         log.warning("skipped unreadable images (data.skip_bad=true): %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,8 +19,7 @@ OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")
 
 def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | None = None,
                       img_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """timm.create_model without a classifier; `checkpoint` loads local weights through timm's
-    own pretrained path (so ViT position embeddings are resampled to img_size)."""
+    """timm.create_model without a classifier; `checkpoint` loads local weights (load_weights_file)."""
     if not timm.is_model(name):
         raise ConfigError(f"backbone.name={name} is not a timm model; list them with "
                           f"python -c \"import timm; print(timm.list_models('*vit*'))\"")
@@ -27,8 +27,7 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
         checkpoint = str(Path(checkpoint).expanduser())
         if not Path(checkpoint).is_file():
             raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file")
-        pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
+        pretrained = False  # the file's weights replace the hub's
     optional = {"img_size": img_size} if img_size is not None else {}
     optional |= {k: kwargs.pop(k) for k in OPTIONAL_KWARGS if k in kwargs}
     while True:
@@ -42,40 +41,56 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Non
             if dropped is None:
                 raise
             optional.pop(dropped)  # e.g. CNNs take no img_size: the option does not apply to them
-        except (RuntimeError, ValueError) as e:  # timm reads the file weights-only; shapes must match
-            if checkpoint is None:
-                raise
-            raise ConfigError(f"backbone.checkpoint={checkpoint}: {_load_error(e)}; the file"
-                              f"{_exported_from(checkpoint)} does not fit backbone.name={name}") from None
         except OSError as e:
-            if checkpoint is not None:
-                raise ConfigError(f"backbone.checkpoint={checkpoint}: cannot load ({e})") from None
             raise FgvrError(f"cannot download pretrained weights for backbone.name={name} ({type(e).__name__}); "
                             "pass a local file with backbone.checkpoint=/path/to/weights.safetensors, "
                             "or train from scratch with backbone.pretrained=false") from None
     if checkpoint is not None:
-        missing = _not_in_file(model, checkpoint)
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-            raise ConfigError(f"backbone.checkpoint={checkpoint}: its tensors do not match the model (missing "
-                              f"{shown}); the file{_exported_from(checkpoint)} does not fit backbone.name={name}")
+        load_weights_file(model, checkpoint, name)
     return model
 
 
-def _not_in_file(model: nn.Module, path: str) -> list[str]:
-    """The model's tensors a weights file does not hold. timm loads a file non-strictly once it has
-    dropped the classifier (num_classes=0), so a file of another model would otherwise load nothing
-    and say nothing. The file's keys go through the model family's own checkpoint filter first, as
-    timm's loading does (renamed keys, resampled position embeddings)."""
+def load_weights_file(model: nn.Module, path: str, name: str) -> None:
+    """A local weights file into a timm model: read as safetensors or weights-only (no code in it
+    runs), passed through the model family's own checkpoint filter as timm's pretrained loading does
+    (renamed keys, resampled position embeddings), then loaded. Every tensor of the model must be in
+    it; a classifier the model does not have is left out. Anything else is one line."""
     import importlib
 
-    from timm.models import load_state_dict
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(f"backbone.checkpoint={path}: {problem}; the file{_exported_from(path)} does not fit "
+                           f"backbone.name={name}")
 
-    state = load_state_dict(path)
-    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
-    return [k for k in model.state_dict() if k not in state]
+    try:
+        state = _read_weights(path)
+        filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        missing = model.load_state_dict(state, strict=False).missing_keys
+    except Exception as e:  # torch's, safetensors' and the filters' errors: the file is not what it should be
+        raise refuse(_load_error(e)) from None
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise refuse(f"its tensors do not match the model (missing {shown})")
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file; a training checkpoint's model (its
+    EMA one first, as timm prefers) and DDP's "module." prefixes unwrapped."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _load_error(e: Exception) -> str:

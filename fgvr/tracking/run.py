@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fgvr.errors import FgvrError
-from fgvr.files import write_text_atomic
+from fgvr.files import write_error, write_text_atomic
 from fgvr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class RunInfo:
     name: str  # display name: experiment name + overrides
     group: str | None = None  # the sweep, for multiruns
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option
+    hydra_files: dict[str, str] = field(default_factory=dict)  # .hydra/'s overrides.yaml and hydra.yaml, as text
 
 
 def run_info(name: str) -> RunInfo:
@@ -38,6 +39,7 @@ def run_info(name: str) -> RunInfo:
     sweep group and config choices."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -45,7 +47,8 @@ def run_info(name: str) -> RunInfo:
     choices = {k: v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
     overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "+experiment=", "experiment="))]
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    return RunInfo(run_dir, " ".join([name, *overrides]), group, choices)
+    files = {"overrides.yaml": OmegaConf.to_yaml(hc.overrides.task), "hydra.yaml": OmegaConf.to_yaml({"hydra": hc})}
+    return RunInfo(run_dir, " ".join([name, *overrides]), group, choices, files)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -169,7 +172,7 @@ class RunLogger:
         if not self.enabled:
             return
         event = {k: _clean(v) for k, v in event.items()}
-        self.metrics.write(json.dumps(event) + "\n")
+        self._append(event)
         if self.wandb is not None:
             values = {f"{event['split']}/{k}": v for k, v in event.items()
                       if k not in ("split", "step") and isinstance(v, (int, float)) and v is not None}
@@ -178,7 +181,13 @@ class RunLogger:
     def event(self, name: str, **fields: Any) -> None:
         """A line in metrics.jsonl that marks what happened to the run (interrupted, resumed)."""
         if self.enabled:
-            self.metrics.write(json.dumps({"event": name, **fields}) + "\n")
+            self._append({"event": name, **fields})
+
+    def _append(self, event: dict) -> None:
+        try:
+            self.metrics.write(json.dumps(event) + "\n")
+        except OSError as e:
+            raise write_error(Path(self.metrics.name), e) from None
 
     def preempting(self) -> None:
         """Tell W&B the run stops to be resumed, not that it crashed."""
@@ -198,12 +207,16 @@ class RunLogger:
             except FgvrError as e:
                 error = e
                 log.error("%s", e)
-        self.metrics.close()
+        try:
+            self.metrics.close()
+        except OSError as e:  # the last lines did not fit: results.json above is what counts
+            log.error("%s", write_error(Path(self.metrics.name), e))
         if self.wandb is not None:
             if results is not None:
                 self.wandb.summary.update({k: v for k, v in flatten(results).items()
                                            if isinstance(v, (int, float, str))})
-            self.wandb.finish(exit_code=0 if (results or {}).get("status") == "finished" else 1)
+            # results=None: a re-evaluation that failed leaves the finished run as it was, in W&B too
+            self.wandb.finish(exit_code=0 if results is None or results.get("status") == "finished" else 1)
         if error is not None and results["status"] == "finished":
             raise error
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from fgvr.rundir import RunDir
 from fgvr.tracking.run import is_run_dir
 
 log = logging.getLogger("fgvr")
@@ -29,14 +30,13 @@ class RunStatus:
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    overrides = ""
-    if (run_dir / ".hydra" / "overrides.yaml").is_file():
+    run, overrides = RunDir(run_dir), ""
+    if (run.hydra / "overrides.yaml").is_file():
         from omegaconf import OmegaConf
 
-        overrides = " ".join(o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-                             if not o.startswith("hydra."))
+        overrides = " ".join(o for o in OmegaConf.load(run.hydra / "overrides.yaml") if not o.startswith("hydra."))
     try:
-        results = json.loads((run_dir / "results.json").read_text())
+        results = json.loads(run.results.read_text())
     except (OSError, json.JSONDecodeError):
         return RunStatus(run_dir, "no results", overrides, "still running, or it died before it could write "
                          "results.json: see its train.log and the sweep's .submitit/ logs")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fgvr.errors import ConfigError, DataError
+from fgvr.rundir import RunDir
 
 # Config keys (and prefixes) that never change a run's result.
 NEUTRAL = ("seed", "name", "paths", "logger", "resume", "hydra", "data.root", "data.num_workers",
@@ -46,8 +47,8 @@ class Record:
     status: str
     config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
     results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
-    # when the run ended, in seconds since the epoch: results.json's mtime (written once, atomically, at the
-    # run's end), or W&B's last heartbeat; None if unknown
+    # when the run ended, in seconds since the epoch: results.json's ended_at (its file's time for runs
+    # from before it), or W&B's last heartbeat; None if unknown
     ended: float | None = None
 
     def get(self, key: str) -> Any:
@@ -82,18 +83,19 @@ def read_run_dir(path: Path) -> Record:
 
     from fgvr.tracking.run import flatten
 
-    config_file = path / ".hydra" / "config.yaml"
+    run = RunDir(path)
+    config_file = run.config
     try:
         config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
     except Exception as e:  # yaml's and OmegaConf's errors
         raise DataError(f"{config_file}: not a readable config ({type(e).__name__}); restore or remove it") from None
     try:
-        results = json.loads((path / "results.json").read_text())
+        results = json.loads(run.results.read_text())
     except FileNotFoundError:
         return Record(str(path), "no results", config, {})
     except json.JSONDecodeError:
         return Record(str(path), "unreadable", config, {})
-    ended = (path / "results.json").stat().st_mtime
+    ended = results.get("ended_at") or run.results.stat().st_mtime  # runs before ended_at: the file's time
     return Record(str(path), results.get("status", "no results"), config, flatten(results, "."), ended)
 
 

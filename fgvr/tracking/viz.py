@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fgvr.config import VizConfig, check_values
-from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output, split_loader
+from fgvr.errors import FgvrError
+from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output_path, split_loader
 from fgvr.tracking.run import init_wandb
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,7 @@ def visualise(cfg: VizConfig) -> list[Path]:
     """Write the figures for the first cfg.n images of the split; returns their paths."""
     check_values(cfg, VizConfig)
     check_split(cfg.split)
-    with output(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz, Path.is_dir) as out_dir:
-        return _draw(cfg, out_dir)
-
-
-def _draw(cfg: VizConfig, out_dir: Path) -> list[Path]:
+    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz, Path.is_dir)
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, skip_bad=cfg.skip_bad)
     model, classes = run.model, run.state["classes"]
     earlier = sorted(out_dir.glob(f"{cfg.split}_*.png")) if out_dir.is_dir() else []
@@ -128,11 +125,14 @@ def _draw(cfg: VizConfig, out_dir: Path) -> list[Path]:
                                 f"pred {classes[pred]} | label {classes[label]}", pred == label,
                                 regions[i] if regions is not None else None, strips[i] if strips is not None else None)
                 path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
-                cv2.imwrite(str(path), figure[..., ::-1])
+                if not cv2.imwrite(str(path), figure[..., ::-1]):
+                    raise FgvrError(f"{path}: cannot write the figure (a full disk, or no permission)")
                 paths.append(path)
                 rows.append((path, classes[pred], classes[label], pred == label))
             if len(paths) >= cfg.n:
                 break
+    for stale in sorted(set(earlier) - set(paths)):  # an earlier viz's figures beyond this n
+        stale.unlink()
     log.info("wrote %d figures to %s", len(paths), out_dir)
     if run.cfg.logger.name == "wandb":
         _to_wandb(run, rows, cfg.split, out_dir)

@@ -147,19 +147,27 @@ def test_eval_says_when_it_replaces_an_earlier_output(train_run, caplog):
 
 
 def test_a_forked_worker_does_not_keep_the_run_dir_locked(tmp_path):
+    """A main process killed outright leaves .lock behind; its loader workers, which may outlive it
+    for seconds, must not hold the lock against the job that resumes the run."""
     import os
     import signal
 
+    from fgvr import rundir
+
+    run = RunDir(tmp_path)
     started, ready = os.pipe()
-    with RunDir(tmp_path).locked():
-        child = os.fork()
-        if child == 0:  # a data loader worker: lives on after the main process lets go
-            os.write(ready, b"1")
-            time.sleep(30)
-            os._exit(0)
-        os.read(started, 1)
+    fd = run._acquire()
+    rundir._held.add(fd)
+    child = os.fork()
+    if child == 0:  # a data loader worker
+        os.write(ready, b"1")
+        time.sleep(30)
+        os._exit(0)
+    os.read(started, 1)
+    rundir._held.discard(fd)
+    os.close(fd)  # the main process dies: no clean-up
     try:
-        with RunDir(tmp_path).locked():  # the lock went with the process that took it
+        with run.locked():  # the lock went with the process that took it
             pass
     finally:
         os.kill(child, signal.SIGKILL)
@@ -173,6 +181,9 @@ def test_resume_from_another_checkpoint_never_trains_over_a_run(train_run, tmp_p
     before = snapshot(target)
     again, _ = train_run("trainer.epochs=2", f"resume={source}", run_dir=target)  # the same command again
     assert again == json.loads((target / "results.json").read_text()) and snapshot(target) == before
+    with pytest.raises(ConfigError, match="already holds a run that did not start from that checkpoint"):
+        train_run("trainer.epochs=2", f"resume={source / 'checkpoints' / 'best.pt'}", run_dir=target)
+    assert snapshot(target) == before
 
 
 def test_a_sweep_job_with_a_value_out_of_range_is_counted_as_failed(tmp_path):
@@ -196,11 +207,26 @@ def test_eval_never_replaces_what_it_did_not_write(train_run, tmp_path):
         visualise(VizConfig(ckpt=str(run_dir), n=1, out=str(RunDir(run_dir).results)))
 
 
-def test_eval_and_viz_wait_for_a_run_being_written(train_run):
+def test_eval_and_viz_refuse_a_run_being_written(train_run):
     _, run_dir = train_run("trainer.epochs=1")
     with RunDir(run_dir).locked():  # a relaunch still training into the dir
-        with pytest.raises(FgvrError, match="another fgvr process is writing this run dir.*out=PATH"):
+        with pytest.raises(FgvrError, match="a process is writing this run dir.*out=PATH"):
             evaluate_checkpoint(EvalConfig(ckpt=str(run_dir)))
-        with pytest.raises(FgvrError, match="another fgvr process is writing this run dir"):
+        with pytest.raises(FgvrError, match="a process is writing this run dir"):
             visualise(VizConfig(ckpt=str(run_dir), n=1))
     assert not RunDir(run_dir).eval_file("test").exists() and not RunDir(run_dir).viz.exists()
+
+
+def test_a_refused_relaunch_changes_nothing(train_run, tmp_path):
+    _, run_dir = train_run("trainer.epochs=1")
+    before = snapshot(run_dir)
+    for args, message in [(["trainer.epochs=2", "optim.lr=0.1"], "trained with other settings"),  # unfinished
+                          (["trainer.epochs=1", "resume=never"], "already holds a run"),
+                          (["trainer.epochs=3", "resume=evaluate"], "holds no finished run")]:
+        with pytest.raises(ConfigError, match=message):
+            train_run(*args)
+        assert snapshot(run_dir) == before, args
+    with RunDir(run_dir).locked():
+        with pytest.raises(FgvrError, match="another fgvr process"):
+            train_run("trainer.epochs=2")
+    assert {p: v for p, v in snapshot(run_dir).items() if p != ".lock"} == before

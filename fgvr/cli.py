@@ -7,6 +7,7 @@ Errors a user can cause end in one line on stderr: exit code 2 for a bad config 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -143,8 +144,11 @@ def _train_task(cfg) -> float | None:
         # Ctrl-C (SIGINT) was the user's: it ends here, in one line.
         if results["signal"] != "SIGINT":
             signal.raise_signal(signal.Signals[results["signal"]])
-        raise RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
-                             "end; relaunch with this run dir to resume it", signal.Signals[results["signal"]])
+        error = RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
+                               "end; relaunch with this run dir to resume it", signal.Signals[results["signal"]])
+        if not _is_multirun():
+            _exit_on_user_error("train", error)  # here, or Hydra adds a line of its own
+        raise error
     return results["test_acc"]
 
 
@@ -203,8 +207,10 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
 
     if isinstance(e, FgvrError):
         return str(e), e.exit_code
-    if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)) and e.filename:
-        return f"{e.filename}: {e.strerror}", 1  # e.g. hydra.run.dir or out= naming a file where a folder goes
+    if isinstance(e, OSError) and e.filename and (
+            isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError))
+            or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+        return f"{e.filename}: {e.strerror}", 1  # e.g. hydra.run.dir or out= on a read-only or full disk
     if type(e).__module__.startswith("submitit."):  # the launcher gave up on a SLURM (or local) job
         return _job_error(str(e)), 1
     if isinstance(e, MissingConfigException):

@@ -27,13 +27,22 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], size_hint:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        _remove(tmp)  # first: the space it took counts as free in the message
         # torch.save reports a failed write as a RuntimeError raised while handling the OSError
         cause = e if isinstance(e, OSError) else e.__context__
         if not isinstance(cause, OSError):
             raise
         raise write_error(path, cause, size_hint) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only file system: nothing was written there either
+        pass
 
 
 def write_error(path: Path, e: OSError, size_hint: int | None = None) -> FgvrError:
@@ -42,7 +51,7 @@ def write_error(path: Path, e: OSError, size_hint: int | None = None) -> FgvrErr
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         need = f"about {size_hint / 2**20:.1f} MB needed, " if size_hint else ""
         return FgvrError(f"{path}: no space left on the device ({need}{free / 2**20:.1f} MB free); "
-                         "free some space or move the run dir, then relaunch to resume")
+                         "free some space or move the run dir, then relaunch")
     return FgvrError(f"{path}: cannot write ({e.strerror or e})")
 
 

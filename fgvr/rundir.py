@@ -92,7 +92,10 @@ class RunDir:
     def _acquire(self) -> int | None:
         """The locked .lock's descriptor; None where the file system has no locks (warned once)."""
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only file system, no permission
+                raise FgvrError(f"{self.path}: cannot write into this run dir ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -206,8 +206,8 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
                 distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
                 return json.loads(rundir.results.read_text())
             return _train(cfg, run)
-    except FgvrError as e:
-        if not any(rundir.path.iterdir()):  # refused before it wrote anything: the dir Hydra made for it
+    except (FgvrError, KeyboardInterrupt) as e:
+        if rundir.path.is_dir() and not any(rundir.path.iterdir()):  # refused before it wrote anything
             if run.group is None:
                 rundir.discard_if_empty()
             else:  # a sweep's job: a record, so that the sweep's summary counts it

@@ -10,6 +10,7 @@ logger=wandb in the run, the same panels go as a table to a new W&B run in the r
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,15 +19,16 @@ import numpy as np
 import torch
 
 from fgvr.config import VizConfig, check_values
-from fgvr.errors import FgvrError
 from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output_path, split_loader
-from fgvr.tracking.run import init_wandb
+from fgvr.errors import FgvrError
+from fgvr.tracking.run import init_wandb, write_json
 
 log = logging.getLogger(__name__)
 
 PANEL = 224  # display size of each panel, px
 GREEN, WHITE, RED, YELLOW = (40, 220, 40), (255, 255, 255), (230, 40, 40), (250, 220, 30)
 SHOWN_FILTERS = 4
+INDEX = "viz.json"  # the figures fgvr viz wrote into a folder, by split: all that a later viz may replace
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -95,10 +97,11 @@ def visualise(cfg: VizConfig) -> list[Path]:
     """Write the figures for the first cfg.n images of the split; returns their paths."""
     check_values(cfg, VizConfig)
     check_split(cfg.split)
-    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz, Path.is_dir)
+    out_dir = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.viz, _is_viz_dir)
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, skip_bad=cfg.skip_bad)
     model, classes = run.model, run.state["classes"]
-    earlier = sorted(out_dir.glob(f"{cfg.split}_*.png")) if out_dir.is_dir() else []
+    index = _read_index(out_dir)
+    earlier = index.get(cfg.split, [])
     if earlier:
         log.warning("replacing the %d %s figures already in %s", len(earlier), cfg.split, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,12 +134,26 @@ def visualise(cfg: VizConfig) -> list[Path]:
                 rows.append((path, classes[pred], classes[label], pred == label))
             if len(paths) >= cfg.n:
                 break
-    for stale in sorted(set(earlier) - set(paths)):  # an earlier viz's figures beyond this n
-        stale.unlink()
+    for stale in set(earlier) - {p.name for p in paths}:  # an earlier viz's figures beyond this n
+        (out_dir / stale).unlink(missing_ok=True)
+    write_json(out_dir / INDEX, index | {cfg.split: [p.name for p in paths]})
     log.info("wrote %d figures to %s", len(paths), out_dir)
     if run.cfg.logger.name == "wandb":
         _to_wandb(run, rows, cfg.split, out_dir)
     return paths
+
+
+def _is_viz_dir(path: Path) -> bool:
+    """A folder fgvr viz may write into: an empty one, or one it wrote before (it holds the index)."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / INDEX).is_file())
+
+
+def _read_index(out_dir: Path) -> dict[str, list[str]]:
+    """The figures an earlier fgvr viz wrote into `out_dir`, by split."""
+    try:
+        return json.loads((out_dir / INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _texture(model, images: torch.Tensor, extras: dict) -> tuple[list, list]:

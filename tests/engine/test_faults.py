@@ -259,10 +259,27 @@ def test_ctrl_c_saves_at_the_step_and_ends_in_one_line(tmp_path):
     args = ["train", *TINY, "trainer.epochs=4", "trainer.log_every=1", "data.synth.train_per_class=40",
             "data.num_workers=1", f"hydra.run.dir={run_dir}"]
     code, out = _stop(args, tmp_path, signal.SIGINT, ready=lambda: _reached(run_dir, 3))
-    assert code == 130 and "Traceback" not in out, out
+    assert code == 130 and "Traceback" not in out and "Error executing job" not in out, out
     assert out.strip().splitlines()[-1].startswith(f"fgvr train: error: {run_dir}: stopped by SIGINT at step ")
     stopped = json.loads((run_dir / "results.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGINT"
     assert checkpoint.load(RunDir(run_dir).last)["step"] == stopped["steps"] >= 3
     fgvr(*args, cwd=tmp_path)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
+    from fgvr import files
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    monkeypatch.setattr(files, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(FgvrError) as error:
+        files.write_text_atomic(tmp_path / "eval_test.json", "{}")
+    assert str(error.value) == f"{tmp_path / 'eval_test.json'}: cannot write (Read-only file system)"
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(FgvrError, match="cannot write into this run dir \\(Read-only file system\\)"):
+        with RunDir(tmp_path).locked():
+            pass

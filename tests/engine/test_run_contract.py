@@ -230,3 +230,19 @@ def test_a_refused_relaunch_changes_nothing(train_run, tmp_path):
         with pytest.raises(FgvrError, match="another fgvr process"):
             train_run("trainer.epochs=2")
     assert {p: v for p, v in snapshot(run_dir).items() if p != ".lock"} == before
+
+
+def test_viz_never_touches_files_it_did_not_write(train_run, tmp_path):
+    _, run_dir = train_run("trainer.epochs=1")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("test_000.png", "test_017.png", "notes.txt"):
+        (photos / name).write_text(name)
+    before = snapshot(photos)
+    with pytest.raises(ConfigError, match="something else is there already"):
+        visualise(VizConfig(ckpt=str(run_dir), n=2, out=str(photos)))
+    assert snapshot(photos) == before
+    figures = tmp_path / "figures"
+    visualise(VizConfig(ckpt=str(run_dir), n=3, out=str(figures)))
+    visualise(VizConfig(ckpt=str(run_dir), n=1, out=str(figures)))  # its own earlier figures: replaced
+    assert sorted(p.name for p in figures.iterdir()) == ["test_000.png", "viz.json"]

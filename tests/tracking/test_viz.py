@@ -39,7 +39,7 @@ def test_viz_command_and_its_errors(train_run, tmp_path):
     _, run_dir = train_run("trainer.epochs=1")  # no selector: the images and predictions only
     out = tmp_path / "figs"
     fgvr("viz", f"ckpt={run_dir}", "n=2", "split=val", f"out={out}", cwd=tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["val_000.png", "val_001.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["val_000.png", "val_001.png", "viz.json"]
     assert cv2.imread(str(out / "val_000.png")).shape == (28 + PANEL, PANEL, 3)
     for args, message in [([f"ckpt={run_dir}", "n=0"], "n=0: must be >= 1"),
                           ([f"ckpt={run_dir}", "split=train"], "split=train: choose test or val"),

@@ -193,13 +193,13 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
 
     The run dir is locked while this process (rank 0 of a multi-process run) writes it. With
     trainer.devices=N > 1 the run is one DDP run in N new processes on this machine."""
-    rundir = RunDir(run.dir)
+    rundir, main = RunDir(run.dir), distributed.from_env().is_main
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
         check_values(cfg, TrainConfig)
-        with rundir.locked() if distributed.from_env().is_main else contextlib.nullcontext():
+        with rundir.locked() if main else contextlib.nullcontext():
             if cfg.trainer.devices > 1:
                 cfg = cfg.copy()
                 OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
@@ -207,7 +207,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
                 return json.loads(rundir.results.read_text())
             return _train(cfg, run)
     except (FgvrError, KeyboardInterrupt) as e:
-        if rundir.path.is_dir() and not any(rundir.path.iterdir()):  # refused before it wrote anything
+        if main and rundir.path.is_dir() and not any(rundir.path.iterdir()):  # refused before it wrote anything
             if run.group is None:
                 rundir.discard_if_empty()
             else:  # a sweep's job: a record, so that the sweep's summary counts it

@@ -16,19 +16,9 @@ from fgvr.data.readers import read_cub
 from fgvr.errors import DataError
 from tests.conftest import write_cub
 from tests.data.miniatures import WRITERS
+from tests.data.test_check import data
 
 SKIP = "remove it or set data.skip_bad=true"
-
-
-def data(*args) -> int:
-    """`fgvr data ...` in this process; its exit code."""
-    from fgvr.cli import main
-
-    try:
-        main(["data", *map(str, args)])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def spoil(path: Path, kind: str) -> None:

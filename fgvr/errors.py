@@ -1,6 +1,11 @@
 """Errors a user can cause. The CLI prints them as one line, without a traceback."""
 
 
+def first_few(items: list, shown: int = 3) -> str:
+    """'a, b, c (+4 more)': the start of a long list, for a one-line message."""
+    return ", ".join(map(str, items[:shown])) + (f" (+{len(items) - shown} more)" if len(items) > shown else "")
+
+
 class FgvrError(Exception):
     """A problem with the user's input (config, files, data). Exit code 1."""
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import re
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from fgvr.errors import FgvrError
 
@@ -53,6 +54,25 @@ def write_error(path: Path, e: OSError, size_hint: int | None = None) -> FgvrErr
         return FgvrError(f"{path}: no space left on the device ({need}{free / 2**20:.1f} MB free); "
                          "free some space or move the run dir, then relaunch")
     return FgvrError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def load_weights_only(path: str | Path, allowed: list | tuple = ()) -> Any:
+    """torch.load with torch's weights-only unpickler (tensors and plain values, plus the `allowed`
+    globals): nothing in the file runs. Raises what torch raises; `unsafe_global` reads it."""
+    import warnings
+
+    import torch
+
+    with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on pickle protocols: its error says it all
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unsafe_global(error: Exception) -> str | None:
+    """The pickled global (e.g. posix.system) the weights-only unpickler refused to load, if that is
+    why `error` was raised."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

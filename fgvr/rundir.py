@@ -46,6 +46,12 @@ def _close_held() -> None:
 os.register_at_fork(after_in_child=_close_held)
 
 
+def checkpoint_in(path: str | Path) -> Path:
+    """The checkpoint a `ckpt=` or `resume=` value names: a run dir's checkpoints/last.pt, or the file."""
+    path = Path(path).expanduser()
+    return RunDir(path).last if path.is_dir() else path
+
+
 class RunDir:
     """The files of one run, by name; `locked()` while writing them."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 import random
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgvr.errors import FgvrError
-from fgvr.files import atomic_write, write_bytes_atomic
+from fgvr.errors import FgvrError, first_few
+from fgvr.files import atomic_write, load_weights_only, unsafe_global, write_bytes_atomic
 
 # What a checkpoint of fgvr train holds besides the weights; a file without these is not one.
 REQUIRED = ("model", "config", "classes", "epoch", "step")
@@ -61,17 +60,15 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise FgvrError(f"{path}: checkpoint not found")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, _numpy_array_globals())
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        found = unsafe_global(e)
         if found is None:
             reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
             raise FgvrError(f"{path}: not a readable checkpoint (not only tensors and plain values"
                             f"{': ' + reason.group(1).strip() if reason else ''})") from None
         raise FgvrError(f"{path}: refused to load: it holds pickled objects other than tensors and plain values "
-                        f"({found.group(1)}), which could run code; fgvr reads only checkpoints written by fgvr "
+                        f"({found}), which could run code; fgvr reads only checkpoints written by fgvr "
                         "train") from None
     except Exception as e:
         raise FgvrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -98,17 +95,14 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
 
 def weights_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], shown: int = 3) -> str:
     """'missing a, b (+3 more); unexpected c; shape of d: 8x4 in the file, 16x4 in the model'."""
-    def first(keys: list[str]) -> str:
-        return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
-
     parts = []
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
     if missing:
-        parts.append(f"missing {first(missing)}")
+        parts.append(f"missing {first_few(missing, shown)}")
     if unexpected:
-        parts.append(f"unexpected {first(unexpected)}")
+        parts.append(f"unexpected {first_few(unexpected, shown)}")
     for k in shapes[:shown]:
         parts.append(f"shape of {k}: {'x'.join(map(str, given[k].shape))} in the file, "
                      f"{'x'.join(map(str, expected[k].shape))} in the model")

@@ -21,20 +21,18 @@ from fgvr.engine import checkpoint
 from fgvr.engine.trainer import autocast_dtype, evaluate, resolve_device
 from fgvr.errors import ConfigError, DataError
 from fgvr.models.model import FGVRModel, build_model, source_scale
-from fgvr.rundir import RunDir
+from fgvr.rundir import RunDir, checkpoint_in
 from fgvr.tracking.run import is_run_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def checkpoint_path(ckpt: str) -> Path:
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        path = RunDir(path).last
-        if not path.is_file():
-            raise ConfigError(f"ckpt={ckpt}: no checkpoints/last.pt in that run dir")
-    elif not path.is_file():
-        raise ConfigError(f"ckpt={ckpt}: no such file or run dir")
+    path = checkpoint_in(ckpt)
+    if not path.is_file():
+        in_run_dir = path != Path(ckpt).expanduser()
+        raise ConfigError(f"ckpt={ckpt}: " + ("no checkpoints/last.pt in that run dir" if in_run_dir
+                                              else "no such file or run dir"))
     return path
 
 

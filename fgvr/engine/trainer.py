@@ -40,7 +40,7 @@ from fgvr.engine.preemption import Interrupted, StopOnSignal
 from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import localisation
-from fgvr.rundir import RunDir
+from fgvr.rundir import RunDir, checkpoint_in
 from fgvr.tracking.console import EpochProgress
 from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions, write_json
 
@@ -131,8 +131,7 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
             raise ConfigError(f"{last} exists: this run dir already holds a run; resume=auto continues it, "
                               "or give a new hydra.run.dir")
         return None
-    path = Path(resume)
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    path = checkpoint_in(resume)
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no checkpoint there; use auto, never, evaluate, a run dir or a .pt file")
     # A run dir that has its own last.pt by now (a relaunch, a requeued job) goes on from it, never back to
@@ -241,8 +240,7 @@ def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, 
                         "evaluates it, resume= takes checkpoints/last.pt of a run")
     state["loaded_from"] = ckpt_path
     if cfg.resume not in ("auto", "never", "evaluate"):  # resume=<another run's checkpoint>
-        source = Path(cfg.resume)
-        source = (source / "checkpoints" / "last.pt" if source.is_dir() else source).resolve()
+        source = checkpoint_in(cfg.resume).resolve()
         if ckpt_path.resolve() == source:  # a new run from it: its checkpoints say so
             state["started_from"] = str(source)
         elif state.get("started_from") != str(source):  # the dir's own last.pt, of a run that began elsewhere

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -11,7 +10,8 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from fgvr.errors import ConfigError, FgvrError
+from fgvr.errors import ConfigError, FgvrError, first_few
+from fgvr.files import load_weights_only, unsafe_global
 
 # ViT options that other models (CNNs) do not take: passed only to models that accept them.
 OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")
@@ -70,8 +70,7 @@ def load_weights_file(model: nn.Module, path: str, name: str) -> None:
     except Exception as e:  # torch's, safetensors' and the filters' errors: the file is not what it should be
         raise refuse(_load_error(e)) from None
     if missing:
-        shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise refuse(f"its tensors do not match the model (missing {shown})")
+        raise refuse(f"its tensors do not match the model (missing {first_few(missing)})")
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -81,9 +80,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -95,10 +92,9 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def _load_error(e: Exception) -> str:
     """timm's (or torch's) many-line loading error as a short clause: which keys or shapes differ."""
-    text = str(e)
-    if "weights_only" in text or "Unsupported global" in text:
+    if unsafe_global(e):
         return "refused: it holds pickled objects other than tensors, which could run code"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     details = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     shown = "; ".join(d[:160] + ("..." if len(d) > 160 else "") for d in details[:3])
     return f"its tensors do not match the model ({shown or (lines[0] if lines else type(e).__name__)})"

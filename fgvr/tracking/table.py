@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fgvr.errors import ConfigError, DataError
+from fgvr.files import atomic_write, write_text_atomic
 from fgvr.rundir import RunDir
 
 # Config keys (and prefixes) that never change a run's result.
@@ -415,11 +416,10 @@ def plot(table: Table, speed: Table, path: Path) -> int:
         ax.set(xlabel=speed.metric, ylabel=table.metric, title=_label(col))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return points
 
 
@@ -434,7 +434,6 @@ def render(table: Table, fmt: str, digits: int = 2) -> str:
 def main(argv: list[str]) -> None:
     import argparse
 
-    from fgvr.tracking.run import write_text_atomic
 
     parser = argparse.ArgumentParser(
         prog="fgvr table", description="A result table (mean ± std over seeds) from run dirs and sweep dirs, "

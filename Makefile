@@ -19,7 +19,9 @@ install:
 	PIP_CONSTRAINT=$(VENV)/torch-constraints.txt $(BIN)/pip install -e '.[dev]'
 	@$(BIN)/python -c "import torch, timm, hydra, albumentations; print('fgvr installed: torch', torch.__version__, '| timm', timm.__version__)"
 
+# lint-imports: the layers of fgvr/ (pyproject.toml's [tool.importlinter]) before any test runs.
 test:
+	$(BIN)/lint-imports --no-cache
 	$(TEST_ENV) $(BIN)/pytest -q -m "not slow and not slurm"
 
 test-slow:

@@ -87,7 +87,7 @@ def _check_shared_run_dir(args: list[str]) -> None:
 def _sweep_summary(failure: Exception | None = None) -> None:
     """After a multirun: exit 1 if a run failed. If the launcher itself gave up on a job (a SLURM
     job killed before it could report), print the sweep's summary, which Hydra then skips."""
-    from fgvr.tracking.sweep import SweepSummary, format_summary, sweep_runs
+    from fgvr.commands.sweep import SweepSummary, format_summary, sweep_runs
 
     sweep_dir = SweepSummary.last_sweep_dir
     if sweep_dir is None or not sweep_dir.is_dir():
@@ -114,7 +114,7 @@ def _exit_on_user_error(command: str, e: Exception) -> None:
 def _hydra_app(command: str):
     import hydra
 
-    from fgvr.config import config_dir, register_schemas
+    from fgvr.runtime.config import config_dir, register_schemas
 
     register_schemas(bench=command == "bench")
     task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task, "bench": _bench_task}[command]
@@ -123,8 +123,8 @@ def _hydra_app(command: str):
 
 def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
-    from fgvr.errors import RunInterrupted
-    from fgvr.tracking.run import run_info
+    from fgvr.runtime.errors import RunInterrupted
+    from fgvr.runtime.tracker import run_info
 
     run = run_info(cfg.name)
     try:
@@ -153,20 +153,20 @@ def _train_task(cfg) -> float | None:
 
 
 def _eval_task(cfg) -> None:
-    from fgvr.engine.evaluate import evaluate_checkpoint
+    from fgvr.commands.eval import evaluate_checkpoint
 
     _report_user_errors("eval", evaluate_checkpoint, cfg)
 
 
 def _viz_task(cfg) -> None:
-    from fgvr.tracking.viz import visualise
+    from fgvr.commands.viz import visualise
 
     _report_user_errors("viz", visualise, cfg)
 
 
 def _bench_task(cfg) -> None:
     from fgvr.engine.bench import bench
-    from fgvr.tracking.run import run_info, write_json
+    from fgvr.runtime.tracker import run_info, write_json
 
     def measure(cfg) -> None:  # the numbers go to <run dir>/bench.json (and to bench.out if given)
         run = run_info(cfg.name)
@@ -177,9 +177,9 @@ def _bench_task(cfg) -> None:
 
 def _plain_command(command: str):
     if command == "data":
-        from fgvr.data.command import main
+        from fgvr.commands.data import main
     else:
-        from fgvr.tracking.table import main
+        from fgvr.commands.table import main
     return main
 
 
@@ -203,7 +203,7 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fgvr.errors import FgvrError
+    from fgvr.runtime.errors import FgvrError
 
     if isinstance(e, FgvrError):
         return str(e), e.exit_code
@@ -245,7 +245,7 @@ def _job_error(message: str) -> str:
 
 def _missing_option(e) -> str:
     """'backbone=foo: no such option; choose one of ...' from Hydra's MissingConfigException."""
-    from fgvr.config import config_dir
+    from fgvr.runtime.config import config_dir
 
     match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(e))
     if not match:
@@ -280,7 +280,7 @@ def _schema_keys(command: str, parent: str) -> list[str]:
     import dataclasses
     import typing
 
-    from fgvr.config import BenchConfig, EvalConfig, TrainConfig, VizConfig
+    from fgvr.runtime.config import BenchConfig, EvalConfig, TrainConfig, VizConfig
 
     node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig, "bench": BenchConfig}[command]
     for part in filter(None, parent.split(".")):

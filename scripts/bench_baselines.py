@@ -67,11 +67,11 @@ def bench_data(args) -> None:
     import torchvision.transforms as T
     from PIL import Image
 
-    from fgvr.config import AugmentConfig
     from fgvr.data.cache import decoded_cache
     from fgvr.data.dataset import ImageDataset
     from fgvr.data.readers import make_records
     from fgvr.data.transforms import train_transform
+    from fgvr.runtime.config import AugmentConfig
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -164,10 +164,10 @@ def bench_glsim(args) -> None:
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
 
-    from fgvr.config import config_dir, register_schemas
     from fgvr.engine.cost import stage_flops
     from fgvr.engine.optim import build_optimizer
     from fgvr.models.model import build_model
+    from fgvr.runtime.config import config_dir, register_schemas
 
     register_schemas()
     models = {}

@@ -12,9 +12,9 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-from fgvr.config import config_dir, register_schemas
 from fgvr.engine.cost import measure_cost
 from fgvr.models.model import build_model
+from fgvr.runtime.config import config_dir, register_schemas
 
 NUM_CLASSES = 200
 

@@ -14,10 +14,10 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-from fgvr.config import config_dir, register_schemas
 from fgvr.data.dataset import build_loaders
 from fgvr.models.model import build_model, source_scale
 from fgvr.models.selectors import RandomSelector, localisation
+from fgvr.runtime.config import config_dir, register_schemas
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fgvr.config import config_dir, register_schemas
+    from fgvr.runtime.config import config_dir, register_schemas
 
     register_schemas()
 
@@ -59,7 +59,7 @@ def compose():
 def train_run(compose, tmp_path):
     """Train in-process on a composed config; returns (results, run dir)."""
     from fgvr.engine.trainer import train
-    from fgvr.tracking.run import RunInfo
+    from fgvr.runtime.tracker import RunInfo
 
     def _train(*overrides: str, run_dir: Path | None = None, choices: dict | None = None):
         on_files = any(o.startswith("data=") and o != "data=synth" for o in overrides)  # a miniature benchmark

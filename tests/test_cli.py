@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fgvr.config import config_dir
+from fgvr.runtime.config import config_dir
 from tests.conftest import FGVR, REPO, TINY, fgvr
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -229,8 +229,8 @@ def test_selector_benchmark_script(tmp_path):
     """scripts/selector_benchmark.sh on a miniature synth_parts (one seed, one batch a run), with
     the pretrained weights already cached: every sweep runs and the table has the selector x
     texture rows and a column per backbone."""
-    from fgvr.engine.checkpoint import save_weights
     from fgvr.models.backbone import Backbone
+    from fgvr.runtime.checkpoint import save_weights
 
     cache = tmp_path / "cache"
     vit = Backbone("vit_tiny_patch16_224", img_size=64, kwargs=dict(depth=4, embed_dim=96, num_heads=3, patch_size=8))

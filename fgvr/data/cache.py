@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fgvr.data.image import load_image
 from fgvr.data.readers import Records
-from fgvr.errors import DataError
+from fgvr.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 from fgvr.data.catalog import BENCHMARKS, Benchmark
 from fgvr.data.image import load_image
 from fgvr.data.readers import Splits
-from fgvr.errors import DataError
+from fgvr.runtime.errors import DataError
 
 SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF",
                   ".tiff": "TIFF"}

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fgvr.config import DataCache, DataConfig
 from fgvr.data.cache import DecodedImages, decoded_cache
 from fgvr.data.check import quick_check
 from fgvr.data.image import load_image
 from fgvr.data.readers import Records, read_splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
-from fgvr.engine.distributed import cpus_per_process
-from fgvr.engine.preemption import protect_worker
-from fgvr.errors import DataError
+from fgvr.runtime.config import DataCache, DataConfig
+from fgvr.runtime.distributed import cpus_per_process
+from fgvr.runtime.errors import DataError
+from fgvr.runtime.preemption import protect_worker
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from fgvr.data.catalog import Archive, Benchmark
-from fgvr.errors import DataError
+from fgvr.runtime.errors import DataError
 
 CHUNK = 1 << 20
 

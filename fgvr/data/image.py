@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fgvr.errors import DataError
+from fgvr.runtime.errors import DataError
 
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads only contend
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from fgvr.errors import ConfigError, DataError
+from fgvr.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

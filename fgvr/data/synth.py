@@ -30,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fgvr.config import SynthConfig, SynthKind
-from fgvr.errors import ConfigError
+from fgvr.runtime.config import SynthConfig, SynthKind
+from fgvr.runtime.errors import ConfigError
 
 FREQUENCIES = (0.08, 0.16)  # discs: cycles per pixel at the stored image size
 VERSION = 2  # discs; 2: the part anywhere in the frame (1: only in the central half)

@@ -1,4 +1,4 @@
-"""albumentations pipelines. They return uint8 CHW tensors (normalisation happens on the device)
+"""albumentations pipelines. They return uint8 CHW tensors (the model normalises them on the device)
 and carry the ground-truth box (pascal_voc pixels, clipped to the image) through every op."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from fgvr.config import AugmentConfig
+from fgvr.runtime.config import AugmentConfig
 
 BBOX = A.BboxParams(format="pascal_voc", clip=True)
 
@@ -62,14 +62,3 @@ def eval_transform(img_size: int, resize_ratio: float, resized: bool = False) ->
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
-
-class Normalize(torch.nn.Module):
-    """uint8 (B,3,H,W) on the device -> float, mean/std normalised (the backbone's statistics)."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std

@@ -24,15 +24,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fgvr.config import BenchConfig, check_values
 from fgvr.data.dataset import DataWait, build_loaders
-from fgvr.engine import distributed
 from fgvr.engine.cost import measure_cost
+from fgvr.engine.evaluate import evaluate
 from fgvr.engine.optim import build_optimizer, optimizer_step
-from fgvr.engine.trainer import autocast_dtype, evaluate, peak_mem_mb, resolve_device, seed_everything, to_device
-from fgvr.errors import ConfigError
+from fgvr.engine.session import autocast_dtype, peak_mem_mb, resolve_device, seed_everything, to_device
 from fgvr.models.model import build_model, source_scale
-from fgvr.tracking.run import write_json
+from fgvr.runtime import distributed
+from fgvr.runtime.config import BenchConfig, check_values
+from fgvr.runtime.errors import ConfigError
+from fgvr.runtime.tracker import write_json
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without
 # TF32). Matched against torch.cuda.get_device_name in this order; bench.peak_tflops overrides.

@@ -1,30 +1,68 @@
-"""`fgvr eval ckpt=<run dir or .pt>`: rebuild a run's model and data from its checkpoint and
-evaluate it. A run dir means its checkpoints/last.pt, the model results.json's test_acc came from.
-
-The checkpoint is read weights-only (engine/checkpoint.py). Outputs go next to the run they read
-(eval_<split>.json, viz/) when the checkpoint is part of a run dir, and otherwise only to out=."""
+"""Evaluation: the loop (`evaluate`, over all ranks' shards) and a trained run rebuilt from its
+checkpoint (`load_run`), for `fgvr eval` and `fgvr viz`. The checkpoint is read weights-only
+(runtime/checkpoint.py); a run dir means its checkpoints/last.pt, the model results.json's test_acc
+came from."""
 
 from __future__ import annotations
 
-import json
-import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from fgvr.config import EvalConfig, check_values
 from fgvr.data.dataset import Loaders, build_loaders, require_boxes
-from fgvr.engine import checkpoint
-from fgvr.engine.trainer import autocast_dtype, evaluate, resolve_device
-from fgvr.errors import ConfigError, DataError
+from fgvr.engine.session import resolve_device, to_device
 from fgvr.models.model import FGVRModel, build_model, source_scale
-from fgvr.rundir import RunDir, checkpoint_in
-from fgvr.tracking.run import is_run_dir, write_json
+from fgvr.models.selectors import localisation
+from fgvr.runtime import checkpoint, distributed
+from fgvr.runtime.distributed import Dist
+from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.rundir import checkpoint_in
 
-log = logging.getLogger(__name__)
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
+             limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%), img/s, the images evaluated and those skipped as
+    unreadable (data.skip_bad) and, on data with boxes, how well the model's
+    regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
+    and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
+    region, the same as `region_iou` and `region_hit`. Summed over all ranks' shards, so the
+    numbers are over the whole split. One host-device sync."""
+    model.eval()
+    totals = torch.zeros(11, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, images, skipped
+    n, skipped, start = 0, 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        images, labels = to_device(batch.images, batch.labels, device, channels_last)
+        fractions = batch.boxes.to(device, non_blocking=True)  # the ground truth, as fractions of the image
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits, extras = model(images, fractions)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        truth = fractions * model.input_size
+        local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
+                 for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
+        totals[:9] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                              (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
+                                 *local])
+        n += len(labels)
+        skipped += batch.skipped
+    totals[9:] = torch.tensor([n, skipped])  # counted on the host: a tensor a batch would be a copy per batch
+    loss, top1, top5, *local, images, skipped = distributed.all_reduce_(totals, dist).tolist()
+    elapsed = time.perf_counter() - start
+    n = max(images, 1)
+    out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": images / elapsed,
+           "images": int(images), "skipped": int(skipped)}
+    for name, (iou, hits, boxed) in (("crop", local[:3]), ("region", local[3:])):
+        if boxed:
+            out |= {f"{name}_iou": iou / boxed, f"{name}_hit": 100 * hits / boxed}
+    return out
 
 
 def checkpoint_path(ckpt: str) -> Path:
@@ -33,30 +71,6 @@ def checkpoint_path(ckpt: str) -> Path:
         in_run_dir = path != Path(ckpt).expanduser()
         raise ConfigError(f"ckpt={ckpt}: " + ("no checkpoints/last.pt in that run dir" if in_run_dir
                                               else "no such file or run dir"))
-    return path
-
-
-def run_dir_of(checkpoint: Path) -> RunDir | None:
-    """The run dir a checkpoint belongs to (<run dir>/checkpoints/<name>.pt), or None for a loose file."""
-    folder = checkpoint.parent.parent
-    return RunDir(folder) if checkpoint.parent.name == "checkpoints" and is_run_dir(folder) else None
-
-
-def output_path(ckpt: Path, out: str | None, default: Callable[[RunDir], Path],
-                replaceable: Callable[[Path], bool]) -> Path:
-    """Where eval/viz write: `out` if given, else `default(the checkpoint's run dir)` unless a process
-    is writing that run dir (a run still training). A loose checkpoint needs `out`. Something already
-    there is replaced only if `replaceable` says it is an earlier output of the same kind."""
-    run = run_dir_of(ckpt)
-    if not out and run is None:
-        raise ConfigError(f"ckpt={ckpt} is not inside a run dir (<run dir>/checkpoints/*.pt); say where to write "
-                          "with out=PATH")
-    if not out:
-        run.ensure_idle("or write elsewhere with out=PATH")
-    path = Path(out).expanduser() if out else default(run)
-    if path.exists() and not replaceable(path):
-        raise ConfigError(f"{'out=' if out else ''}{path}: something else is there already (not an earlier "
-                          "output of this command); give out= another path")
     return path
 
 
@@ -117,32 +131,3 @@ def split_loader(run: LoadedRun, split: str):
     if loader is None:
         raise ConfigError("split=val: the run had no val split (data.val_fraction=0); use split=test")
     return loader
-
-
-def _is_evaluation(path: Path) -> bool:
-    """Whether a file holds what evaluate_checkpoint writes."""
-    try:
-        return path.is_file() and {"checkpoint", "split", "acc"} <= json.loads(path.read_text()).keys()
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def evaluate_checkpoint(cfg: EvalConfig) -> dict:
-    """Evaluate on cfg.split; writes eval_<split>.json into the checkpoint's run dir (or to out=)."""
-    check_values(cfg, EvalConfig)
-    check_split(cfg.split)
-    out = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.eval_file(cfg.split), _is_evaluation)
-    run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
-    with run.loaders:  # their workers end here, not at exit
-        metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,
-                           autocast_dtype(run.cfg.trainer.precision, run.device))
-    metrics["skipped"] += run.loaders.missing[cfg.split]  # and the files not found
-    result = {"checkpoint": str(run.path), "split": cfg.split, "epoch": run.state["epoch"],
-              "step": run.state["step"], "data_root": run.cfg.data.root, **metrics}
-    if out.exists():
-        log.warning("replacing %s (an earlier evaluation)", out)
-    write_json(out, result)
-    log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images%s | %s at epoch %d -> %s", cfg.split, metrics["acc"],
-             metrics["top5"], metrics["images"], f", {metrics['skipped']} skipped" if metrics["skipped"] else "",
-             run.path, run.state["epoch"], out)
-    return result

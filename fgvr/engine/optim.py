@@ -6,7 +6,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from fgvr.config import LrScale, OptimName
+from fgvr.runtime.config import LrScale, OptimName
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,34 +15,30 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
-import resource
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgvr.config import Precision, TrainConfig, check_values
 from fgvr.data.dataset import DataWait, build_loaders, require_boxes
-from fgvr.engine import checkpoint, distributed
 from fgvr.engine.cost import measure_cost
-from fgvr.engine.distributed import AnyRank, Dist
+from fgvr.engine.evaluate import evaluate
 from fgvr.engine.optim import build_optimizer, build_scheduler, optimizer_step, scaled_lr
-from fgvr.engine.preemption import Interrupted, StopOnSignal
-from fgvr.errors import ConfigError, FgvrError
+from fgvr.engine.progress import EpochProgress
+from fgvr.engine.session import autocast_dtype, peak_mem_mb, resolve_device, seed_everything, to_device
 from fgvr.models.model import build_model, source_scale
-from fgvr.models.selectors import localisation
-from fgvr.rundir import RunDir, checkpoint_in
-from fgvr.tracking.console import EpochProgress
-from fgvr.tracking.run import RunInfo, RunLogger, git_sha, slurm_job_id, versions, write_json
+from fgvr.runtime import checkpoint, distributed
+from fgvr.runtime.config import TrainConfig, check_values
+from fgvr.runtime.distributed import AnyRank, Dist
+from fgvr.runtime.errors import ConfigError, FgvrError
+from fgvr.runtime.preemption import Interrupted, StopOnSignal
+from fgvr.runtime.rundir import RunDir, checkpoint_in
+from fgvr.runtime.tracker import RunInfo, RunLogger, git_sha, slurm_job_id, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +53,6 @@ RESUME_KEYS = ("optimizer", "scheduler", "scaler", "position", "best", "rng", "n
 # What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
 EVALUATED = ("test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
              "region_iou", "region_hit", "cost", "cost_error", "backbone_weights", "backbone_weights_error")
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={spec}: CUDA is not available here; use trainer.device=cpu or auto")
-    return device
-
-
-def autocast_dtype(precision: Precision | str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32."""
-    precision = Precision(precision)
-    if precision is Precision.auto:
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -137,54 +98,6 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     # A run dir that has its own last.pt by now (a relaunch, a requeued job) goes on from it, never back to
     # where it started; _admit checks that it did start from `path`.
     return last if last.is_file() else path
-
-
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A host batch to the device, asynchronously from pinned memory; channels_last for CNNs."""
-    fmt = torch.channels_last if channels_last else torch.preserve_format
-    return images.to(device, non_blocking=True, memory_format=fmt), labels.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
-             limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%), img/s, the images evaluated and those skipped as
-    unreadable (data.skip_bad) and, on data with boxes, how well the model's
-    regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
-    and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
-    region, the same as `region_iou` and `region_hit`. Summed over all ranks' shards, so the
-    numbers are over the whole split. One host-device sync."""
-    model.eval()
-    totals = torch.zeros(11, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, images, skipped
-    n, skipped, start = 0, 0, time.perf_counter()
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        images, labels = to_device(batch.images, batch.labels, device, channels_last)
-        fractions = batch.boxes.to(device, non_blocking=True)  # the ground truth, as fractions of the image
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits, extras = model(images, fractions)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        truth = fractions * model.input_size
-        local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
-                 for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
-        totals[:9] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                                              (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
-                                 *local])
-        n += len(labels)
-        skipped += batch.skipped
-    totals[9:] = torch.tensor([n, skipped])  # counted on the host: a tensor a batch would be a copy per batch
-    loss, top1, top5, *local, images, skipped = distributed.all_reduce_(totals, dist).tolist()
-    elapsed = time.perf_counter() - start
-    n = max(images, 1)
-    out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": images / elapsed,
-           "images": int(images), "skipped": int(skipped)}
-    for name, (iou, hits, boxed) in (("crop", local[:3]), ("region", local[3:])):
-        if boxed:
-            out |= {f"{name}_iou": iou / boxed, f"{name}_hit": 100 * hits / boxed}
-    return out
 
 
 def train(cfg: DictConfig, run: RunInfo) -> dict:

@@ -10,8 +10,8 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from fgvr.errors import ConfigError, FgvrError, first_few
-from fgvr.files import load_weights_only, unsafe_global
+from fgvr.runtime.errors import ConfigError, FgvrError, first_few
+from fgvr.runtime.files import load_weights_only, unsafe_global
 
 # ViT options that other models (CNNs) do not take: passed only to models that accept them.
 OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fgvr.errors import ConfigError
+from fgvr.runtime.errors import ConfigError
 
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], antialias: int = 1) -> torch.Tensor:

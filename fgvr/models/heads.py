@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fgvr.errors import ConfigError
+from fgvr.runtime.errors import ConfigError
 
 
 def _features(*feats: torch.Tensor | None) -> list[torch.Tensor]:

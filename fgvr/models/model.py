@@ -19,12 +19,23 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from fgvr.data.transforms import Normalize
-from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import crop, crop_antialias, loader_scale, source_scale_of
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
+from fgvr.runtime.errors import ConfigError
+
+
+class Normalize(nn.Module):
+    """uint8 (B,3,H,W) on the device -> float, mean/std normalised (the backbone's statistics)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
 
 
 class FGVRModel(nn.Module):

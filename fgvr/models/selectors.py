@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import source_scale_of
+from fgvr.runtime.errors import ConfigError
 
 BOX_ENDS = ("inclusive", "exclusive")
 METRICS = ("cos", "l1", "l2")

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fgvr.errors import ConfigError
 from fgvr.models.backbone import Tokens
 from fgvr.models.crop import crop, source_scale_of
 from fgvr.models.selectors import box_iou
+from fgvr.runtime.errors import ConfigError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey
 

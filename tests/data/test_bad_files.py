@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.config import DataCache, DataConfig, DataFormat
 from fgvr.data.check import quick_check
 from fgvr.data.dataset import build_loaders
 from fgvr.data.image import load_image
 from fgvr.data.readers import read_cub
-from fgvr.errors import DataError
+from fgvr.runtime.config import DataCache, DataConfig, DataFormat
+from fgvr.runtime.errors import DataError
 from tests.conftest import write_cub
 from tests.data.miniatures import WRITERS
 from tests.data.test_check import data

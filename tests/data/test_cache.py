@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvr.config import AugmentConfig, DataCache, DataConfig, DataFormat
 from fgvr.data.dataset import build_loaders
-from fgvr.errors import DataError
+from fgvr.runtime.config import AugmentConfig, DataCache, DataConfig, DataFormat
+from fgvr.runtime.errors import DataError
 
 
 def cub_config(root, cache: DataCache, **kwargs) -> DataConfig:

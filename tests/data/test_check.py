@@ -8,7 +8,7 @@ import pytest
 
 from fgvr.cli import main
 from fgvr.data import catalog
-from fgvr.errors import DataError
+from fgvr.runtime.errors import DataError
 from tests.conftest import fgvr, write_cub
 from tests.data.miniatures import WRITERS, write_image
 

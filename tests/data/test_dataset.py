@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.config import AugmentConfig, DataConfig, DataFormat
 from fgvr.data.dataset import ImageDataset, build_loaders, check_files, collate, load_image, stratified_split
 from fgvr.data.readers import make_records
 from fgvr.data.transforms import eval_transform, train_transform
-from fgvr.errors import ConfigError, DataError
+from fgvr.runtime.config import AugmentConfig, DataConfig, DataFormat
+from fgvr.runtime.errors import ConfigError, DataError
 
 
 @pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".jpg"), ("P", ".png"), ("RGBA", ".png"),

@@ -6,7 +6,7 @@ import pytest
 
 from fgvr.data.catalog import BENCHMARKS
 from fgvr.data.readers import read_csv, read_cub, read_folder
-from fgvr.errors import ConfigError, DataError
+from fgvr.runtime.errors import ConfigError, DataError
 from tests.conftest import write_cub
 from tests.data.miniatures import WRITERS, H, W
 
@@ -119,7 +119,7 @@ def test_every_benchmark_reader_reads_its_miniature(tmp_path, name):
 
 
 def test_every_benchmark_has_a_config_a_miniature_and_a_download_entry():
-    from fgvr.config import config_dir
+    from fgvr.runtime.config import config_dir
 
     configs = {p.stem for p in (config_dir() / "data").glob("*.yaml")}
     assert set(BENCHMARKS) == set(WRITERS) and set(BENCHMARKS) <= configs
@@ -134,7 +134,7 @@ def test_every_benchmark_has_a_config_a_miniature_and_a_download_entry():
 
 
 def read(name: str, root: Path, *overrides: str):
-    from fgvr.data.command import data_config
+    from fgvr.commands.data import data_config
     from fgvr.data.readers import read_splits
 
     return read_splits(data_config(name, str(root), list(overrides)), str(root.parent))

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
-from fgvr.config import SynthConfig
-from fgvr.errors import ConfigError
 from fgvr.data.readers import read_cub
 from fgvr.data.synth import generate, synth_root
+from fgvr.runtime.config import SynthConfig
+from fgvr.runtime.errors import ConfigError
 
 
 def _spectrum(path: str, box: np.ndarray | None) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fgvr.engine.bench import StepTimer, bench, peak_tflops
-from fgvr.errors import ConfigError
+from fgvr.runtime.errors import ConfigError
 from tests.conftest import TINY, fgvr
 
 QUICK = [*TINY, "bench.warmup=1", "bench.steps=3", "bench.eval_steps=2"]
@@ -40,7 +40,7 @@ def compose_bench():
     """Compose bench.yaml as `fgvr bench` does (its schema in place of train's, restored after)."""
     from hydra import compose, initialize_config_dir
 
-    from fgvr.config import config_dir, register_schemas
+    from fgvr.runtime.config import config_dir, register_schemas
 
     register_schemas(bench=True)
 

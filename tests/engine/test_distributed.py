@@ -13,13 +13,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fgvr.commands.eval import evaluate_checkpoint
 from fgvr.data.dataset import EpochSampler
-from fgvr.engine import checkpoint, distributed
-from fgvr.config import EvalConfig
-from fgvr.engine.evaluate import evaluate_checkpoint
 from fgvr.engine.optim import scaled_lr
-from fgvr.errors import ConfigError
-from fgvr.tracking.run import read_events
+from fgvr.runtime import checkpoint, distributed
+from fgvr.runtime.config import EvalConfig
+from fgvr.runtime.errors import ConfigError
+from fgvr.runtime.tracker import read_events
 from tests.conftest import FGVR, TINY
 
 

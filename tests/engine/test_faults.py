@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fgvr.config import EvalConfig
-from fgvr.engine import checkpoint
-from fgvr.engine.evaluate import evaluate_checkpoint
-from fgvr.errors import ConfigError, DataError, FgvrError
-from fgvr.rundir import RunDir
+from fgvr.commands.eval import evaluate_checkpoint
+from fgvr.runtime import checkpoint
+from fgvr.runtime.config import EvalConfig
+from fgvr.runtime.errors import ConfigError, DataError, FgvrError
+from fgvr.runtime.rundir import RunDir
 from tests.conftest import TINY, fgvr
 
 
@@ -42,8 +42,8 @@ def plant(path: Path, marker: Path, wrap: bool = True) -> Path:
 
 @pytest.mark.parametrize("wrap", [True, False])
 def test_a_planted_pickle_never_runs_as_a_checkpoint(train_run, tmp_path, wrap):
-    from fgvr.config import VizConfig
-    from fgvr.tracking.viz import visualise
+    from fgvr.commands.viz import visualise
+    from fgvr.runtime.config import VizConfig
 
     marker = tmp_path / "pwned"
     bad = plant(tmp_path / "evil" / "checkpoints" / "last.pt", marker, wrap)
@@ -165,7 +165,7 @@ def test_disk_full_while_saving_a_checkpoint(train_run, tmp_path, monkeypatch):
 
 
 def test_a_failed_atomic_write_leaves_no_debris(tmp_path):
-    from fgvr.files import atomic_write
+    from fgvr.runtime.files import atomic_write
 
     target = tmp_path / "results.json"
     target.write_text("old")
@@ -269,7 +269,7 @@ def test_ctrl_c_saves_at_the_step_and_ends_in_one_line(tmp_path):
 
 
 def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
-    from fgvr import files
+    from fgvr.runtime import files
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(args[0]))

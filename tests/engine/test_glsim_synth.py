@@ -29,7 +29,7 @@ def test_on_synth_parts_the_oracle_crop_beats_the_global_view_by_a_wide_margin(c
     64 px global view (`none` can at best tell the 4 colour groups of 12 classes apart), and a
     crop of the part cut from the 4x source shows it. Measured: none 8.8 %, oracle 73.3 %."""
     from fgvr.engine.trainer import train
-    from fgvr.tracking.run import RunInfo
+    from fgvr.runtime.tracker import RunInfo
 
     acc = {}
     for selector in ("none", "oracle"):

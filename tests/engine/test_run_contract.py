@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fgvr.config import EvalConfig, VizConfig
-from fgvr.engine.evaluate import evaluate_checkpoint
-from fgvr.errors import ConfigError, FgvrError
-from fgvr.rundir import RunDir
-from fgvr.tracking.run import read_events
-from fgvr.tracking.viz import visualise
+from fgvr.commands.eval import evaluate_checkpoint
+from fgvr.commands.viz import visualise
+from fgvr.runtime.config import EvalConfig, VizConfig
+from fgvr.runtime.errors import ConfigError, FgvrError
+from fgvr.runtime.rundir import RunDir
+from fgvr.runtime.tracker import read_events
 from tests.conftest import TINY, fgvr
 
 
@@ -89,7 +89,7 @@ def test_default_run_dirs_of_one_second_differ(compose):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fgvr.config import config_dir
+    from fgvr.runtime.config import config_dir
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         dirs = set()
@@ -152,7 +152,7 @@ def test_a_forked_worker_does_not_keep_the_run_dir_locked(tmp_path):
     import os
     import signal
 
-    from fgvr import rundir
+    from fgvr.runtime import rundir
 
     run = RunDir(tmp_path)
     started, ready = os.pipe()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgvr.engine import checkpoint
-from fgvr.errors import ConfigError, DataError
 from fgvr.models.texture import GaborBank
-from fgvr.tracking.run import read_events
+from fgvr.runtime import checkpoint
+from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.tracker import read_events
 from tests.conftest import FGVR, TINY, fgvr
 
 RESULT_KEYS = {"status", "dataset", "backbone", "selector", "texture", "head", "seed", "img_size", "epochs",
@@ -221,8 +221,8 @@ def test_eval_reproduces_the_test_accuracy(tmp_path):
 
 
 def test_eval_of_val_without_a_val_split_is_refused(train_run):
-    from fgvr.config import EvalConfig
-    from fgvr.engine.evaluate import evaluate_checkpoint
+    from fgvr.commands.eval import evaluate_checkpoint
+    from fgvr.runtime.config import EvalConfig
 
     _, run_dir = train_run("trainer.epochs=1", "data.val_fraction=0")
     with pytest.raises(ConfigError, match="split=val: the run had no val split"):
@@ -273,7 +273,7 @@ def test_gradient_checkpointing_trains_the_same_model(train_run, tmp_path, model
 
 
 def _worker(ready) -> None:
-    from fgvr.engine import preemption
+    from fgvr.runtime import preemption
 
     preemption.WORKER_GRACE_S = 1.0
     preemption.protect_worker(0)

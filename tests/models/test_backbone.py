@@ -3,10 +3,10 @@ import torch
 from safetensors.torch import save_file
 
 from fgvr.engine.optim import param_groups
-from fgvr.errors import ConfigError, FgvrError
 from fgvr.models.backbone import Backbone
 from fgvr.models.heads import LinearHead
 from fgvr.models.model import FGVRModel
+from fgvr.runtime.errors import ConfigError, FgvrError
 
 MICRO = dict(depth=2, embed_dim=48, num_heads=3, patch_size=8)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgvr.errors import ConfigError
 from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import crop
 from fgvr.models.heads import AggregatorHead, LinearHead
@@ -22,6 +21,7 @@ from fgvr.models.selectors import (
     localisation,
     topk_boxes,
 )
+from fgvr.runtime.errors import ConfigError
 
 MICRO = dict(depth=2, embed_dim=48, num_heads=3, patch_size=8)
 
@@ -256,7 +256,7 @@ def test_oracle_model_crops_the_truth_from_the_original_resolution():
 
 
 def test_oracle_refuses_data_without_boxes(train_run, tmp_path):
-    from fgvr.errors import DataError
+    from fgvr.runtime.errors import DataError
     from tests.conftest import write_cub
 
     root = write_cub(tmp_path / "cub")

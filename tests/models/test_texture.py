@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fgvr.engine.optim import param_groups
-from fgvr.errors import ConfigError
 from fgvr.models.backbone import Tokens
 from fgvr.models.crop import crop
 from fgvr.models.selectors import box_iou
@@ -20,6 +19,7 @@ from fgvr.models.texture import (
     proposal_boxes,
     w_max,
 )
+from fgvr.runtime.errors import ConfigError
 
 
 def grating(theta: float, freq: float, size: int = 48) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fgvr.tracking.run import read_events
+from fgvr.runtime.tracker import read_events
 from tests.conftest import FGVR, TINY
 
 pytestmark = pytest.mark.slurm
@@ -63,10 +63,12 @@ def test_a_run_over_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
     """A 2-minute limit with the signal 50 s before it: the run saves at a step boundary, submitit
     requeues it, and the requeued job continues from that checkpoint in the same run dir (as many
     times as it takes). SLURM may send the signal up to 60 s early: with a 1-minute limit it came
-    0.35 s after the start once, before Python could install a handler, and killed the job."""
+    0.35 s after the start once, before Python could install a handler, and killed the job. The
+    run is sized to take several minutes on a 2-core machine: one that finished within the first
+    70 s on a faster CI machine was never signalled, and tested nothing."""
     out = sweep("seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=2",
                 "hydra.launcher.signal_delay_s=50", "hydra.launcher.max_num_timeout=10", "trainer.epochs=100",
-                "data.synth.train_per_class=100", "trainer.log_every=5", cwd=tmp_path, timeout=1800)
+                "data.synth.train_per_class=400", "trainer.log_every=5", cwd=tmp_path, timeout=1800)
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = tmp_path / "sweep" / "0"
     final = results(run_dir)

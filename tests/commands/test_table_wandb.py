@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import fgvr.tracking.wandb_runs as wandb_runs
+import fgvr.commands.wandb_runs as wandb_runs
 from fgvr.cli import main
-from fgvr.tracking.wandb_runs import parse_filters
-from tests.tracking.fake_wandb import FakeWandb
+from fgvr.commands.wandb_runs import parse_filters
+from tests.commands.fake_wandb import FakeWandb
 
 CASSETTES = Path(__file__).parent / "wandb_api"
 GOLDEN = Path(__file__).parent / "golden"

@@ -2,7 +2,7 @@
 real `wandb.Api`, so the W&B reader is tested through wandb's own client, wandb-core's HTTP and
 the server's wire format, without a network. Each cassette's `_source` says how it was made.
 
-A cassette (tests/tracking/wandb_api/*.json) lists `interactions`: an operation name, the
+A cassette (tests/commands/wandb_api/*.json) lists `interactions`: an operation name, the
 variables the client must send, and the response. A request that matches none of them gets a
 GraphQL error (and is kept in `unmatched`), so a reader that asks for the wrong page, filters or
 project fails its test. `fail` makes the next requests of an operation answer an HTTP status

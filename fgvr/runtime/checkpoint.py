@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgvr.errors import FgvrError, first_few
-from fgvr.files import atomic_write, load_weights_only, unsafe_global, write_bytes_atomic
+from fgvr.runtime.errors import FgvrError, first_few
+from fgvr.runtime.files import atomic_write, load_weights_only, unsafe_global, write_bytes_atomic
 
 # What a checkpoint of fgvr train holds besides the weights; a file without these is not one.
 REQUIRED = ("model", "config", "classes", "epoch", "step")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from fgvr.errors import ConfigError, FgvrError
+from fgvr.runtime.errors import ConfigError, FgvrError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from fgvr.errors import ConfigError
+from fgvr.runtime.errors import ConfigError
 
 
 def bounded(default: Any, low: float | None = None, high: float | None = None, high_open: bool = False,
@@ -60,9 +60,9 @@ def check_values(cfg: Any, schema: type, prefix: str = "") -> None:
 
 def config_dir() -> Path:
     """The configs/ folder: inside the package when installed as a wheel, else the repo's."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return packaged if packaged.is_dir() else here.parent / "configs"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
 
 
 class Precision(Enum):

@@ -2,7 +2,7 @@ import io
 
 from rich.console import Console
 
-from fgvr.tracking.console import EpochProgress
+from fgvr.engine.progress import EpochProgress
 
 
 def test_progress_bar_on_a_terminal_shows_rate_loss_and_lr():

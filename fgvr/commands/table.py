@@ -1,7 +1,7 @@
 """`fgvr table`: a paper's result table (rows = methods, columns = data sets, cells = mean +- std
 of a metric over seeds) regenerated from the run dirs alone, or from their W&B runs.
 
-Every source of runs (`read_run_dir`; `fgvr.tracking.wandb_runs.read_wandb`) produces the same
+Every source of runs (`read_run_dir`; `fgvr.commands.wandb_runs.read_wandb`) produces the same
 `Record` (the run's flat config and results), so the table maths (`build_table`) and the formats
 never depend on where the runs came from.
 
@@ -15,18 +15,17 @@ that ended last is averaged, and the table names the others.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fgvr.errors import ConfigError, DataError
-from fgvr.files import atomic_write, write_text_atomic
-from fgvr.rundir import RunDir
+from fgvr.commands.records import Record, read_run_dir, run_dirs
+from fgvr.commands.wandb_runs import read_wandb
+from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.files import atomic_write, write_text_atomic
 
 # Config keys (and prefixes) that never change a run's result.
 NEUTRAL = ("seed", "name", "paths", "logger", "resume", "hydra", "data.root", "data.num_workers",
@@ -38,66 +37,6 @@ FORMATS = ("md", "csv", "latex", "json")
 # Choices that are no method but a bound: their rows say so, and are never the column's best
 # (csv and json keep the plain name).
 BOUNDS = {("selector", "oracle"): "oracle (upper bound)"}
-
-
-@dataclass
-class Record:
-    source: str  # where the run is: its run dir, or its W&B page
-    # results.json's (finished, failed, interrupted); "no results" or "unreadable" without one; from W&B
-    # also running, crashed, killed, or "no summary" (finished without fgvr's results)
-    status: str
-    config: dict[str, Any]  # flat: {"optim.lr": 0.01, ...}
-    results: dict[str, Any]  # flat results.json: {"test_acc": 90.1, "cost.gflops_per_image.total": 17.6, ...}
-    # when the run ended, in seconds since the epoch: results.json's ended_at (its file's time for runs
-    # from before it), or W&B's last heartbeat; None if unknown
-    ended: float | None = None
-
-    def get(self, key: str) -> Any:
-        """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
-        return self.results[key] if key in self.results else self.config.get(key)
-
-
-def run_dirs(paths: list[str]) -> list[Path]:
-    """Run dirs named by `paths`: run dirs, sweep dirs (searched below) and glob patterns."""
-    from fgvr.tracking.run import is_run_dir
-
-    found: list[Path] = []
-    for pattern in paths:
-        pattern = os.path.expanduser(pattern)
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(Path(m).exists() for m in matches):
-            raise DataError(f"{pattern}: no such run dir or sweep dir")
-        for match in map(Path, matches):
-            if is_run_dir(match):
-                found.append(match)
-                continue
-            for root, dirs, _ in os.walk(match):
-                dirs.sort(key=lambda d: (len(d), d))  # job 2 before job 10
-                if is_run_dir(Path(root)):
-                    found.append(Path(root))
-                    dirs.clear()  # a run dir holds no other run
-    return list(dict.fromkeys(p.resolve() for p in found))
-
-
-def read_run_dir(path: Path) -> Record:
-    from omegaconf import OmegaConf
-
-    from fgvr.tracking.run import flatten
-
-    run = RunDir(path)
-    config_file = run.config
-    try:
-        config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
-    except Exception as e:  # yaml's and OmegaConf's errors
-        raise DataError(f"{config_file}: not a readable config ({type(e).__name__}); restore or remove it") from None
-    try:
-        results = json.loads(run.results.read_text())
-    except FileNotFoundError:
-        return Record(str(path), "no results", config, {})
-    except json.JSONDecodeError:
-        return Record(str(path), "unreadable", config, {})
-    ended = results.get("ended_at") or run.results.stat().st_mtime  # runs before ended_at: the file's time
-    return Record(str(path), results.get("status", "no results"), config, flatten(results, "."), ended)
 
 
 @dataclass
@@ -125,7 +64,7 @@ class Reference:
 
 
 def paper_results() -> dict:
-    """The published tables (fgvr/tracking/paper_results.json, with their source)."""
+    """The published tables (fgvr/commands/paper_results.json, with their source)."""
     return json.loads(Path(__file__).with_name("paper_results.json").read_text())
 
 
@@ -456,15 +395,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--speed", default="eval_img_per_s", help="the plot's x axis (default: eval_img_per_s, "
                         "inference throughput as in the GLSim paper; train_img_per_s for training)")
     parser.add_argument("--compare", choices=["paper"], help="beside each cell, the published number for its "
-                        "method and data set (fgvr/tracking/paper_results.json) and the difference")
+                        "method and data set (fgvr/commands/paper_results.json) and the difference")
     parser.add_argument("--out", type=Path, help="write the table to this file instead of printing it")
     args = parser.parse_args(argv)
     keys = lambda text: [k.strip() for k in text.split(",") if k.strip()]  # noqa: E731
     if args.source == "wandb":
         if args.paths or not args.project:
             raise ConfigError("--source wandb takes --project ENTITY/PROJECT and no paths")
-        from fgvr.tracking.wandb_runs import read_wandb
-
         records = read_wandb(args.project, args.group, args.filters)
         if not records:
             raise DataError(f"W&B {args.project}: no runs{' in group ' + args.group if args.group else ''}"

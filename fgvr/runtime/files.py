@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import re
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from fgvr.errors import FgvrError
+from fgvr.runtime.errors import FgvrError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], size_hint: int | None = None) -> None:

@@ -10,7 +10,7 @@ import pytest
 import wandb
 from omegaconf import OmegaConf
 
-from fgvr.tracking.viz import _to_wandb
+from fgvr.commands.viz import _to_wandb
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import cv2
 import pytest
 
-from fgvr.config import VizConfig
-from fgvr.tracking.viz import PANEL, render, visualise
+from fgvr.commands.viz import PANEL, render, visualise
+from fgvr.runtime.config import VizConfig
 from tests.conftest import fgvr
 
 
@@ -51,7 +51,7 @@ def test_viz_command_and_its_errors(train_run, tmp_path):
 def test_render_draws_texture_regions_and_the_filter_strip():
     import numpy as np
 
-    from fgvr.tracking.viz import texture_strip
+    from fgvr.commands.viz import texture_strip
 
     image = np.zeros((32, 32, 3), np.uint8)
     strip = texture_strip(image, [np.eye(7) - 1 / 7] * 4, [np.random.rand(5, 5)] * 4)

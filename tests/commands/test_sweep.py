@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fgvr.tracking.sweep import format_summary, sweep_runs
+from fgvr.commands.sweep import format_summary, sweep_runs
 from tests.conftest import TINY, fgvr
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fgvr.errors import ConfigError, DataError
+from fgvr.runtime.errors import ConfigError, DataError
 
 USAGE = """\
 fgvr data list                              the benchmarks, their official counts and how each is fetched
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
         run = {"check": check, "stats": stats}[args.action]
         result, ok = run(cfg, args.workers)
         if args.json:
-            from fgvr.tracking.run import write_json
+            from fgvr.runtime.tracker import write_json
 
             write_json(args.json, result)
         if not ok:
@@ -71,7 +71,7 @@ def data_config(name: str, root: str | None, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from fgvr.config import DataConfig, config_dir
+    from fgvr.runtime.config import DataConfig, config_dir
 
     path = config_dir() / "data" / f"{name}.yaml"
     if not path.is_file():
@@ -96,7 +96,7 @@ def _cache_dir() -> str:
     """paths.cache_dir as configs/train.yaml sets it (FGVR_CACHE_DIR, or its default)."""
     from omegaconf import OmegaConf
 
-    from fgvr.config import config_dir
+    from fgvr.runtime.config import config_dir
 
     return os.path.expanduser(OmegaConf.load(config_dir() / "train.yaml").paths.cache_dir)
 

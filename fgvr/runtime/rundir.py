@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from fgvr.errors import FgvrError
-from fgvr.files import write_text_atomic
+from fgvr.runtime.errors import FgvrError
+from fgvr.runtime.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from fgvr.rundir import RunDir
-from fgvr.tracking.run import is_run_dir
+from fgvr.runtime.rundir import RunDir
+from fgvr.runtime.tracker import is_run_dir
 
 log = logging.getLogger("fgvr")
 

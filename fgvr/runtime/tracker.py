@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fgvr.errors import FgvrError
-from fgvr.files import write_error, write_text_atomic
-from fgvr.rundir import RunDir
+from fgvr.runtime.errors import FgvrError
+from fgvr.runtime.files import write_error, write_text_atomic
+from fgvr.runtime.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fgvr.cli import main
-from fgvr.tracking.table import Cell, build_table, latex_escape, plot, read_run_dir, render, run_dirs
+from fgvr.commands.table import Cell, build_table, latex_escape, plot, read_run_dir, render, run_dirs
 from tests.conftest import TINY, fgvr
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,8 +11,8 @@ import pytest
 import wandb
 from omegaconf import OmegaConf
 
-import fgvr.tracking.run as run_module
-from fgvr.tracking.run import RunInfo, RunLogger, init_wandb
+import fgvr.runtime.tracker as run_module
+from fgvr.runtime.tracker import RunInfo, RunLogger, init_wandb
 
 
 @pytest.fixture
@@ -36,14 +36,14 @@ def logger_cfg(mode: str | None = "online"):
 
 
 def check_offline_fallback(tmp_path, caplog, port: int, limit: float) -> None:
-    caplog.set_level(logging.WARNING, logger="fgvr.tracking.run")
+    caplog.set_level(logging.WARNING, logger="fgvr.runtime.tracker")
     start = time.monotonic()
     run = init_wandb(logger_cfg(), tmp_path, "abcd1234", name="x")
     took = time.monotonic() - start
     try:
         assert run.offline and run.settings.mode == "offline" and run.id == "abcd1234"  # the id it was asked for
         assert took < limit, took
-        (warning,) = [r.getMessage() for r in caplog.records if r.name == "fgvr.tracking.run"]
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "fgvr.runtime.tracker"]
         # the host tried (loopback only: nothing left this machine), and the last cause wandb-core saw: the
         # refused connection, or the request that the deadline cut short
         assert re.match(rf"W&B: could not reach 127.0.0.1:{port} within {run_module.INIT_TIMEOUT:g} s "

@@ -7,8 +7,8 @@ import time
 
 from omegaconf import OmegaConf
 
-from fgvr.engine import checkpoint
-from fgvr.tracking.run import RunInfo, RunLogger, read_events, wandb_mode, write_json
+from fgvr.runtime import checkpoint
+from fgvr.runtime.tracker import RunInfo, RunLogger, read_events, wandb_mode, write_json
 
 
 def test_wandb_mode_never_prompts(monkeypatch, tmp_path, caplog):

@@ -6,9 +6,9 @@ import os
 from types import SimpleNamespace
 
 from fgvr.cli import main
-from fgvr.tracking.table import build_table, read_run_dir, render, run_dirs
-from fgvr.tracking.wandb_runs import to_record
-from tests.tracking.test_table import write_run
+from fgvr.commands.table import build_table, read_run_dir, render, run_dirs
+from fgvr.commands.wandb_runs import to_record
+from tests.commands.test_table import write_run
 
 
 def ended_at(run_dir, when: float):

@@ -18,10 +18,11 @@ import cv2
 import numpy as np
 import torch
 
-from fgvr.config import VizConfig, check_values
-from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, output_path, split_loader
-from fgvr.errors import FgvrError
-from fgvr.tracking.run import init_wandb, write_json
+from fgvr.commands.eval import output_path
+from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, split_loader
+from fgvr.runtime.config import VizConfig, check_values
+from fgvr.runtime.errors import FgvrError
+from fgvr.runtime.tracker import init_wandb, write_json
 
 log = logging.getLogger(__name__)
 

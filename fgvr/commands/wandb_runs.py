@@ -2,7 +2,7 @@
 public API, for runs made on other machines.
 
 fgvr logs the resolved config as the W&B config and results.json, flattened with "/", as the
-summary (fgvr/tracking/run.py), so a W&B run gives the same `Record` as its run dir: the config
+summary (runtime/tracker.py), so a W&B run gives the same `Record` as its run dir: the config
 flattened with ".", the summary with its "/" read as ".".
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fgvr.errors import ConfigError, DataError
-from fgvr.tracking.run import flatten
-from fgvr.tracking.table import Record
+from fgvr.commands.records import Record
+from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.tracker import flatten
 
 PER_PAGE = 50  # runs per API request
 # wandb-core retries a request that failed with a timeout, 429 or 5xx, waiting between `RETRY_WAIT`

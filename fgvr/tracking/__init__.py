@@ -1,1 +1,0 @@
-"""Run files (the source of truth) and their W&B mirror."""

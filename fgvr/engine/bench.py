@@ -1,7 +1,9 @@
 """`fgvr bench [overrides]`: how fast the run that `fgvr train` would make with the same
 overrides trains and evaluates, and where a training step's time goes.
 
-Each measurement follows `bench.warmup` untimed steps:
+The training steps are the trainer's own (engine/session.py: Session.step, accumulation, EMA
+and the compiled model included), so the bench measures what `fgvr train` runs. Each
+measurement follows `bench.warmup` untimed steps:
 - model: training steps on one batch resident on the device (the model alone), split into
   forward / backward / optimizer, with the selection and crop timed on their own;
 - loop: the same steps fed by the real train loader (decode, augment, collate, host-to-device
@@ -15,23 +17,18 @@ before its end; on the CPU the work is done when each call returns and the host 
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
-from fgvr.data.dataset import DataWait, build_loaders
+from fgvr.data.dataset import Batch, DataWait
 from fgvr.engine.cost import measure_cost
-from fgvr.engine.evaluate import evaluate
-from fgvr.engine.optim import build_optimizer, optimizer_step
-from fgvr.engine.session import autocast_dtype, peak_mem_mb, resolve_device, seed_everything, to_device
-from fgvr.models.model import build_model, source_scale
+from fgvr.engine.session import Session, StepTimer
 from fgvr.runtime import distributed
 from fgvr.runtime.config import BenchConfig, check_values
+from fgvr.runtime.device import peak_mem_mb, resolve_device
 from fgvr.runtime.errors import ConfigError
 from fgvr.runtime.tracker import write_json
 
@@ -45,39 +42,6 @@ PEAK_TFLOPS = (
     ("A100", (312.0, 19.5)),
     ("L40S", (362.0, 91.6)),
 )
-
-
-class StepTimer:
-    """Marks the phase boundaries of steps without synchronising: CUDA events on a GPU, the host
-    clock elsewhere. `phases_ms()` waits for the device once and gives each phase's median."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda, self.enabled = device.type == "cuda", enabled
-        self.steps: list[list[tuple[str, object]]] = []
-
-    def start(self) -> None:
-        if self.enabled:
-            self.steps.append([])
-            self.mark("start")
-
-    def mark(self, phase: str) -> None:
-        if not self.enabled:
-            return
-        if self.cuda:
-            point = torch.cuda.Event(enable_timing=True)
-            point.record()
-        else:
-            point = time.perf_counter()
-        self.steps[-1].append((phase, point))
-
-    def phases_ms(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        times = defaultdict(list)
-        for marks in self.steps:
-            for (_, a), (phase, b) in zip(marks, marks[1:]):
-                times[phase].append(a.elapsed_time(b) if self.cuda else 1e3 * (b - a))
-        return {phase: statistics.median(ms) for phase, ms in times.items()}
 
 
 def peak_tflops(device: torch.device, amp: torch.dtype | None, override: float | None) -> float | None:
@@ -101,35 +65,12 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         raise ConfigError("trainer.devices: fgvr bench measures one process; drop trainer.devices (img/s scale "
                           "with the processes of a DDP run as long as the data keeps up)")
     device = resolve_device(t.device)
-    amp = autocast_dtype(t.precision, device)
-    seed_everything(cfg.seed, t.deterministic)
-    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
-                            scale=source_scale(cfg))
-    num_classes = len(loaders.classes)
-    model = build_model(cfg, num_classes).to(device)
-    channels_last = device.type == "cuda" and not model.backbone.is_transformer
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, device, cfg.optim.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    forward = torch.compile(model) if t.compile else model
-    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
+    with Session(cfg, device) as session:
+        return _measure(session, cfg, b, choices)
 
-    untimed = StepTimer(device, enabled=False)
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor,
-                   timer: StepTimer = untimed) -> None:
-        """One step as the trainer takes it (without accumulation)."""
-        timer.start()
-        with autocast():
-            logits, _ = forward(images, truth)
-            loss = criterion(logits.float(), labels)
-        timer.mark("forward")
-        scaler.scale(loss).backward()
-        timer.mark("backward")
-        optimizer_step(optimizer, scaler, model, t.grad_clip)
-        timer.mark("optimizer")
+def _measure(session: Session, cfg: DictConfig, b: DictConfig, choices: dict[str, str]) -> dict:
+    device, model, amp = session.device, session.model, session.amp
 
     def timed(fn, steps: int) -> float:
         """Seconds for `steps` calls of fn, the device drained before and after."""
@@ -141,47 +82,44 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         return time.perf_counter() - start
 
     bs, size = cfg.data.batch_size, round(cfg.data.img_size * model.source_scale)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    step_images = bs * session.accum_steps  # a step's images: its accum_steps micro-batches
+    fmt = torch.channels_last if session.channels_last else torch.contiguous_format
     images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device).contiguous(memory_format=fmt)
-    labels = torch.randint(0, num_classes, (bs,), device=device)
+    labels = torch.randint(0, session.num_classes, (bs,), device=device)
     truth = torch.full((bs, 4), float("nan"), device=device)  # no boxes: selector=oracle takes whole images
+    resident = [Batch(images, labels, truth, 0)] * session.accum_steps
     eval_images = images[torch.arange(cfg.data.eval_batch_size or 2 * bs, device=device) % bs]  # the loaders' batch
     out: dict = {
         "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
-        "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs, "eval_batch_size": len(eval_images),
+        "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs,
+        "accum_steps": session.accum_steps, "eval_batch_size": len(eval_images),
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
-        "compile": t.compile, "grad_checkpointing": t.grad_checkpointing,
+        "compile": cfg.trainer.compile, "grad_checkpointing": cfg.trainer.grad_checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "workers": loaders.train.num_workers,
+        "threads": torch.get_num_threads(), "workers": session.loaders.train.num_workers,
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # The model alone. With torch.compile the first call compiles: its time less a step's.
+    # The model alone: the trainer's step on a device-resident batch (a compiled model compiles in the first).
     model.train()
-    first = timed(lambda: train_step(images, labels, truth), 1)
-    timed(lambda: train_step(images, labels, truth), b.warmup - 1)
+    timed(lambda: session.step(resident), b.warmup)
     timer = StepTimer(device)
-    seconds = timed(lambda: train_step(images, labels, truth, timer), b.steps)
+    seconds = timed(lambda: session.step(resident, timer), b.steps)
     phases = timer.phases_ms()
-    out["model_train_img_per_s"] = bs * b.steps / seconds
-    out["compile_s"] = round(first - seconds / b.steps, 2) if t.compile else None
+    out["model_train_img_per_s"] = step_images * b.steps / seconds
+    out["compile_s"] = round(session.compile_s, 2) if session.compile_s is not None else None
 
     # The whole loop: the same steps from the train loader, epoch after epoch.
     def epochs():
         for epoch in itertools.count():
-            loaders.train.sampler.set_epoch(epoch)
-            yield from loaders.train
-
-    def loop_step() -> None:
-        batch = next(batches)
-        train_step(*to_device(batch.images, batch.labels, device, channels_last), batch.boxes.to(device))
+            yield from session.epoch(epoch)
 
     batches = iter(waited := DataWait(epochs()))
-    timed(loop_step, b.warmup)
+    timed(lambda: session.step(next(batches)), b.warmup)
     waited.seconds = 0.0
-    seconds = timed(loop_step, b.steps)
-    out["train_img_per_s"] = bs * b.steps / seconds
+    seconds = timed(lambda: session.step(next(batches)), b.steps)
+    out["train_img_per_s"] = step_images * b.steps / seconds
     out["data_wait_pct"] = 100 * waited.seconds / seconds
     peak = peak_mem_mb(device)  # the training peak, before evaluation's own allocations
 
@@ -189,30 +127,35 @@ def bench(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     model.eval()
 
     def eval_step() -> None:
-        with torch.no_grad(), autocast():
-            model(eval_images, truth[:1].expand(len(eval_images), 4))
+        with torch.no_grad(), session.autocast():
+            session.eval_model(eval_images, truth[:1].expand(len(eval_images), 4))
 
     timed(eval_step, b.warmup)
     out["model_eval_img_per_s"] = len(eval_images) * b.eval_steps / timed(eval_step, b.eval_steps)
-    evaluate(model, loaders.test, device, amp, b.warmup, channels_last)
-    out["eval_img_per_s"] = evaluate(model, loaders.test, device, amp, b.eval_steps, channels_last)["img_per_s"]
+    session.evaluate(session.loaders.test, b.warmup)
+    out["eval_img_per_s"] = session.evaluate(session.loaders.test, b.eval_steps)["img_per_s"]
 
     # The data pipeline alone.
-    batches = iter(epochs())
-    timed(lambda: next(batches), b.warmup)
-    out["data_img_per_s"] = bs * b.steps / timed(lambda: next(batches), b.steps)
+    def loader_batches():
+        for epoch in itertools.count():
+            session.loaders.train.sampler.set_epoch(epoch)
+            yield from session.loaders.train
+
+    data = iter(loader_batches())
+    timed(lambda: next(data), b.warmup)
+    out["data_img_per_s"] = bs * b.steps / timed(lambda: next(data), b.steps)
 
     # Costs: FLOPs per stage, and the selection + crop timed apart (cost.py), within the forward.
     cost = measure_cost(model, images, labels, amp, reps=3, truth=truth)
     select_crop = cost.get("select_ms", 0.0) + cost.get("crop_ms", 0.0)
     step_ms = sum(phases.values())
     out["step_ms"] = {
-        "data_wait": 1e3 * waited.seconds / b.steps, "forward": phases["forward"] - select_crop,
-        "select_crop": select_crop, "backward": phases["backward"], "optimizer": phases["optimizer"],
-        "model_step": step_ms, "loop_step": 1e3 * bs / out["train_img_per_s"],
+        "data_wait": 1e3 * waited.seconds / b.steps, "forward": phases["forward"] - select_crop * session.accum_steps,
+        "select_crop": select_crop * session.accum_steps, "backward": phases["backward"],
+        "optimizer": phases["optimizer"], "model_step": step_ms, "loop_step": 1e3 * step_images / out["train_img_per_s"],
     }
-    out["select_crop_pct"] = 100 * select_crop / step_ms if model.selector is not None else None
-    out["texture_pct"] = 100 * cost["texture_ms"] / step_ms if "texture_ms" in cost else None
+    out["select_crop_pct"] = 100 * out["step_ms"]["select_crop"] / step_ms if model.selector is not None else None
+    out["texture_pct"] = 100 * cost["texture_ms"] * session.accum_steps / step_ms if "texture_ms" in cost else None
     out["gflops_per_image"] = cost["gflops_per_image"]
     out["train_tflops"] = 3 * cost["gflops_per_image"]["total"] * out["model_train_img_per_s"] / 1e3
     out["peak_tflops"] = peak_tflops(device, amp, b.peak_tflops)
@@ -240,13 +183,14 @@ def format_table(r: dict) -> str:
         "MFU n/a (no known peak: bench.peak_tflops=...)"
     lines = [
         f"fgvr bench: {r['backbone']}, selector={r['selector']} texture={r['texture']} head={r['head']} | "
-        f"{r['dataset']}, {r['img_size']} px, batch {r['batch_size']}, {r['precision']} on {r['device']} "
+        f"{r['dataset']}, {r['img_size']} px, batch {r['batch_size']}"
+        f"{' x %d accumulated' % r['accum_steps'] if r['accum_steps'] > 1 else ''}, {r['precision']} on {r['device']} "
         f"({r['threads']} threads, "
         f"{r['workers']} loader workers){' | compiled in %.1f s' % r['compile_s'] if r['compile_s'] else ''}",
-        f"  {'':<24}{'img/s':>9}{'ms/batch':>10}",
+        f"  {'':<24}{'img/s':>9}{'ms/step':>10}",  # train: an optimiser step; eval: a batch
         *(f"  {name:<24}{rate:>9.1f}{1e3 * batch / rate:>10.1f}" for name, rate, batch in (
-            ("train, whole loop", r["train_img_per_s"], r["batch_size"]),
-            ("train, model alone", r["model_train_img_per_s"], r["batch_size"]),
+            ("train, whole loop", r["train_img_per_s"], r["batch_size"] * r["accum_steps"]),
+            ("train, model alone", r["model_train_img_per_s"], r["batch_size"] * r["accum_steps"]),
             ("eval, whole loop", r["eval_img_per_s"], r["eval_batch_size"]),
             ("eval, model alone", r["model_eval_img_per_s"], r["eval_batch_size"]),
             ("data pipeline alone", r["data_img_per_s"], r["batch_size"]))),

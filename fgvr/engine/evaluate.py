@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fgvr.data.dataset import Loaders, build_loaders, require_boxes
-from fgvr.engine.session import resolve_device, to_device
 from fgvr.models.model import FGVRModel, build_model, source_scale
 from fgvr.models.selectors import localisation
 from fgvr.runtime import checkpoint, distributed
+from fgvr.runtime.device import resolve_device, to_device
 from fgvr.runtime.distributed import Dist
 from fgvr.runtime.errors import ConfigError, DataError
 from fgvr.runtime.rundir import checkpoint_in

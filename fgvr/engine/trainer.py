@@ -17,23 +17,21 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from fgvr.data.dataset import DataWait, build_loaders, require_boxes
+from fgvr.data.dataset import DataWait
 from fgvr.engine.cost import measure_cost
-from fgvr.engine.evaluate import evaluate
-from fgvr.engine.optim import build_optimizer, build_scheduler, optimizer_step, scaled_lr
 from fgvr.engine.progress import EpochProgress
-from fgvr.engine.session import autocast_dtype, peak_mem_mb, resolve_device, seed_everything, to_device
-from fgvr.models.model import build_model, source_scale
+from fgvr.engine.session import Session
 from fgvr.runtime import checkpoint, distributed
 from fgvr.runtime.config import TrainConfig, check_values
+from fgvr.runtime.device import peak_mem_mb, resolve_device, to_device
 from fgvr.runtime.distributed import AnyRank, Dist
 from fgvr.runtime.errors import ConfigError, FgvrError
 from fgvr.runtime.preemption import Interrupted, StopOnSignal
@@ -241,176 +239,66 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     return results
 
 
+@dataclass
+class Position:
+    """Where training stands: epochs done, samples of the current epoch already trained on (over
+    all ranks), and the best val accuracy so far. The step count is the session's."""
+
+    epoch: int = 0
+    samples: int = 0
+    best: dict = field(default_factory=lambda: {"acc": -math.inf, "epoch": None})
+
+
 def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger, dist: Dist,
          device: torch.device, stop: StopOnSignal, resources: contextlib.ExitStack) -> dict:
-    """The run itself; what must be released when it ends however it ends (the loaders' worker
-    processes) goes into `resources`."""
+    """The run itself: epochs of training steps, each followed by a val evaluation and last.pt, then
+    the test evaluation and diagnostics. What must be released however the run ends (the loaders'
+    workers) goes into `resources`."""
     t = cfg.trainer
-    seed_everything(cfg.seed, t.deterministic)
-    amp = autocast_dtype(t.precision, device)
-
-    # Data and model: the same split, order and initial weights on every rank.
-    loaders = resources.enter_context(build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed,
-                                                    pin_memory=device.type == "cuda", scale=source_scale(cfg),
-                                                    rank=dist.rank, world_size=dist.world_size))
-    num_classes = len(loaders.classes)
-    model = build_model(cfg, num_classes).to(device)
-    require_boxes(model, loaders, cfg.data.name)
-    seed_everything(cfg.seed + 1_000_003 * dist.rank, t.deterministic)  # each rank its own dropout, crops
-    channels_last = device.type == "cuda" and not model.backbone.is_transformer
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    batches = len(loaders.train) if t.limit_train_batches is None else min(t.limit_train_batches, len(loaders.train))
-    if batches < t.accum_steps:
-        raise ConfigError(f"trainer.accum_steps={t.accum_steps} is more than the {batches} batches of an epoch; "
-                          "lower it or data.batch_size")
-    steps_per_epoch = batches // t.accum_steps
-    step_batch = cfg.data.batch_size * dist.world_size * t.accum_steps
-    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d images a step%s",
-             cfg.data.name, num_classes, len(loaders.train.dataset),
-             len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset),
-             cfg.backbone.name, params_m, device, amp or torch.float32, step_batch,
-             f" over {dist.world_size} processes" if dist.enabled else "")
-
-    # Optimisation.
-    lr = scaled_lr(cfg.optim, step_batch, cfg.data.batch_size)
-    if lr != cfg.optim.lr:
-        log.info("lr %.3g (optim.lr %.3g scaled %s to a step batch of %d)", lr, cfg.optim.lr,
-                 cfg.optim.lr_scale.name, step_batch)
-    optimizer = build_optimizer(model, cfg.optim, device, lr)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * t.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-
-    epoch, step, position, best = 0, 0, 0, {"acc": -math.inf, "epoch": None}
-    if state is not None:
-        if state["num_classes"] != num_classes:
-            raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {num_classes}")
-        checkpoint.load_weights(model, state["model"], state["loaded_from"], state["config"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step, position, best = state["epoch"], state["step"], state["position"], state["best"]
-        if len(state["rng"]) == dist.world_size:
-            checkpoint.set_rng_state(state["rng"][dist.rank])
-        else:
-            log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
-                        len(state["rng"]), dist.world_size)
-        if epoch < t.epochs:
-            log.info("resumed from %s at step %d (epoch %d%s)", state["loaded_from"], step, epoch + 1,
-                     f", {position} samples in" if position else "")
-            tracker.event("resumed", step=step, epoch=epoch + 1, position=position, slurm_job_id=slurm_job_id())
-        else:  # trained to the end (resume=evaluate, or a run that stopped before its test evaluation)
-            log.info("%s: trained to the end (step %d); evaluating it", state["loaded_from"], step)
-            tracker.event("evaluating", step=step, slurm_job_id=slurm_job_id())
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if dist.enabled else model
-    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None  # after DDP: rank 0's weights everywhere
-    if ema is not None and state is not None:
-        ema.load_state_dict(state["ema"])
-    forward = torch.compile(ddp) if t.compile else ddp
-    eval_model = ema.module if ema is not None else model
-    any_rank = AnyRank(dist)
-    fit_start = time.time()
+    session = resources.enter_context(Session(cfg, device, dist))
+    _describe(cfg, session)
+    at = _resume(session, state, tracker) if state is not None else Position()
+    meta = {"config": config, "num_classes": session.num_classes, "classes": session.loaders.classes,
+            "wandb_id": tracker.wandb_id, "run_name": run.name, "run_group": run.group,
+            "started_from": (state or {}).get("started_from")}
+    wall_time_s, fit_start, any_rank = (state or {}).get("wall_time_s", 0.0), time.time(), AnyRank(dist)
 
     def save(name: str) -> None:
         rng = distributed.gather(checkpoint.rng_state(), dist)  # a collective: every rank calls save
         if dist.is_main:
-            checkpoint.atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
-                "position": position, "best": best, "rng": rng, "config": config, "num_classes": num_classes,
-                "classes": loaders.classes, "wandb_id": tracker.wandb_id, "run_name": run.name,
-                "run_group": run.group, "started_from": (state or {}).get("started_from"),
-                "wall_time_s": time.time() - fit_start + (state or {}).get("wall_time_s", 0.0),
-            }, RunDir(run.dir).checkpoints / f"{name}.pt")
+            checkpoint.atomic_save(session.state_dict() | meta | {
+                "epoch": at.epoch, "position": at.samples, "best": at.best, "rng": rng,
+                "wall_time_s": time.time() - fit_start + wall_time_s}, RunDir(run.dir).checkpoints / f"{name}.pt")
 
     def stop_here() -> None:
         """At a step boundary: if any rank was told to stop, save last.pt here and stop."""
         if any_rank(stop.requested is not None):
             got = signal.Signals(stop.requested).name if stop.requested else "a stop signal on another rank"
-            log.warning("received %s: saving checkpoints/last.pt at step %d, then stopping", got, step)
+            log.warning("received %s: saving checkpoints/last.pt at step %d, then stopping", got, session.steps)
             save("last")
-            raise Interrupted(stop.requested or signal.SIGTERM, step)
+            raise Interrupted(stop.requested or signal.SIGTERM, session.steps)
 
-    # The loop. `position` counts the samples (over all ranks) of this epoch already trained on.
-    epoch_rates, skipped, compile_s, loop_start = [], {"train": 0, "val": 0}, None, time.perf_counter()
-    while epoch < t.epochs:
-        model.train()
-        loaders.train.sampler.set_epoch(epoch, position)
-        first = position // (cfg.data.batch_size * dist.world_size)  # the batch index we start at
-        optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # loss sum, hits, images (filled in at a log event)
-        seen = seen_log = epoch_skipped = 0
-        epoch_start = tick = time.perf_counter()
-        batches = DataWait(loaders.train)  # adds up the time the loop waits for data
-        with EpochProgress(f"epoch {epoch + 1}/{t.epochs}", steps_per_epoch, first // t.accum_steps,
-                           enabled=None if dist.is_main else False) as progress:
-            for i, batch in enumerate(batches, start=first):
-                if i >= steps_per_epoch * t.accum_steps:
-                    break
-                images, labels = to_device(batch.images, batch.labels, device, channels_last)
-                boxes = batch.boxes.to(device, non_blocking=True)  # ground truth, read by selector=oracle only
-                sync = (i + 1) % t.accum_steps == 0  # DDP averages gradients only on the last micro-batch
-                with ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        logits, _ = forward(images, boxes)
-                        loss = criterion(logits.float(), labels)
-                    scaler.scale(loss / t.accum_steps).backward()
-                sums[:2] += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
-                seen += len(labels)
-                epoch_skipped += batch.skipped
-                if not sync:
-                    continue
-                optimizer_step(optimizer, scaler, model, t.grad_clip)
-                step += 1
-                position = (i + 1) * cfg.data.batch_size * dist.world_size
-                scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                progress.advance()
-                if t.compile and compile_s is None:  # the first step compiled the model: one sync, once
-                    distributed.synchronize(device)
-                    compile_s = time.perf_counter() - loop_start - batches.seconds
-                    log.info("torch.compile: the first step took %.1f s, compilation included", compile_s)
-                if step % t.log_every == 0:  # the only host-device sync of the training step
-                    sums[2] = seen - seen_log
-                    loss_sum, hits, n = distributed.all_reduce_(sums, dist).tolist()
-                    now = time.perf_counter()
-                    event = dict(step=step, epoch=epoch + 1, split="train", loss=loss_sum / n, acc=100 * hits / n,
-                                 lr=optimizer.param_groups[0]["lr"], img_per_s=n / (now - tick))
-                    tracker.log(**event)
-                    progress.show(event)
-                    if not progress.live:
-                        log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", epoch + 1,
-                                 step, event["loss"], event["acc"], event["lr"], event["img_per_s"])
-                    sums.zero_()
-                    seen_log, tick = seen, now
-                stop_here()
-        epoch_rates.append((seen * dist.world_size, time.perf_counter() - epoch_start, batches.seconds))
-        if dist.enabled:  # once an epoch, beside the val evaluation's own sync
-            epoch_skipped = int(distributed.all_reduce_(torch.tensor([epoch_skipped], device=device), dist).item())
-        skipped["train"] = max(skipped["train"], epoch_skipped)  # images, not their count over the epochs
-        epoch, position = epoch + 1, 0
-
-        if loaders.val is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
-            val = evaluate(eval_model, loaders.val, device, amp, t.limit_eval_batches, channels_last, dist)
-            tracker.log(step=step, epoch=epoch, split="val", **val)
+    epochs, skipped = [], {"train": 0, "val": 0}
+    while at.epoch < t.epochs:
+        epochs.append(_train_epoch(session, at, tracker, stop_here))
+        skipped["train"] = max(skipped["train"], epochs[-1].skipped)  # images, not their count over epochs
+        at.epoch, at.samples = at.epoch + 1, 0
+        if session.loaders.val is not None and (at.epoch % t.eval_every == 0 or at.epoch == t.epochs):
+            val = session.evaluate(session.loaders.val, t.limit_eval_batches)
+            tracker.log(step=session.steps, epoch=at.epoch, split="val", **val)
             skipped["val"] = val["skipped"]
-            if val["acc"] > best["acc"]:
-                best = {"acc": val["acc"], "epoch": epoch}
+            if val["acc"] > at.best["acc"]:
+                at.best = {"acc": val["acc"], "epoch": at.epoch}
                 save("best")
-            log.info("epoch %d | val acc %.2f%% (best %.2f%% at epoch %d) | loss %.4f", epoch, val["acc"],
-                     best["acc"], best["epoch"], val["loss"])
+            log.info("epoch %d | val acc %.2f%% (best %.2f%% at epoch %d) | loss %.4f", at.epoch, val["acc"],
+                     at.best["acc"], at.best["epoch"], val["loss"])
         stop_here()  # saves last.pt itself when it stops
         save("last")
 
-    test = evaluate(eval_model, loaders.test, device, amp, t.limit_eval_batches, channels_last, dist)
-    tracker.log(step=step, epoch=epoch, split="test", **test)
-    skipped["test"] = test["skipped"]
-    skipped = {split: n + loaders.missing[split] for split, n in skipped.items()}  # and the files not found
+    test = session.evaluate(session.loaders.test, t.limit_eval_batches)
+    tracker.log(step=session.steps, epoch=at.epoch, split="test", **test)
+    skipped = {split: n + session.loaders.missing[split]  # and the files not found
+               for split, n in (skipped | {"test": test["skipped"]}).items()}
     log.info("test acc %.2f%% (top-5 %.2f%%) on %d images | %s", test["acc"], test["top5"], test["images"], run.dir)
     if any(skipped.values()):
         log.warning("skipped unreadable images (data.skip_bad=true): %s",
@@ -418,20 +306,112 @@ def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracke
     # Diagnostics: the run has its result; an error here is recorded beside it, never fails it.
     diagnostics: dict = {"cost": None, "cost_error": None, "backbone_weights": None, "backbone_weights_error": None}
     if dist.is_main:  # one process's model on one batch: the other ranks need not wait for it
-        diagnostics |= _diagnose("cost", lambda: _cost(model, loaders, device, amp, channels_last))
+        diagnostics |= _diagnose("cost", lambda: _cost(session))
         if t.export_backbone:
-            diagnostics |= _diagnose("backbone_weights", lambda: _export_backbone(eval_model, cfg, config, run.dir))
-    timed = epoch_rates[1:] or epoch_rates  # the first epoch pays for worker start-up and warm-up
-    timed_s = sum(s for _, s, _ in timed)
+            diagnostics |= _diagnose("backbone_weights", lambda: _export_backbone(session.eval_model, cfg, config,
+                                                                                  run.dir))
+    return _results(session, at, test, epochs, skipped) | diagnostics
+
+
+@dataclass
+class EpochStats:
+    images: int  # over all ranks
+    seconds: float
+    data_wait_s: float  # of this rank's loop
+    skipped: int  # unreadable images, over all ranks
+
+
+def _train_epoch(session: Session, at: Position, tracker: RunLogger, stop_here: Callable[[], None]) -> EpochStats:
+    """The steps of epoch at.epoch from at.samples on. Every trainer.log_every steps a train event
+    (the only host-device sync of training); after every step, stop_here."""
+    t, dist = session.cfg.trainer, session.dist
+    session.model.train()
+    window = torch.zeros(3, device=session.device)  # loss sum, hits, images since the last train event
+    images = logged = skipped = 0
+    start = tick = time.perf_counter()
+    data = DataWait(session.epoch(at.epoch, at.samples))  # adds up the time the loop waits for data
+    with EpochProgress(f"epoch {at.epoch + 1}/{t.epochs}", session.steps_per_epoch, at.samples // session.step_batch,
+                       enabled=None if dist.is_main else False) as progress:
+        for batches in data:
+            window[:2] += session.step(batches)
+            images += sum(len(b.labels) for b in batches)
+            skipped += sum(b.skipped for b in batches)
+            at.samples += session.step_batch
+            progress.advance()
+            if session.steps % t.log_every == 0:
+                window[2] = images - logged
+                loss_sum, hits, n = distributed.all_reduce_(window, dist).tolist()
+                now = time.perf_counter()
+                event = dict(step=session.steps, epoch=at.epoch + 1, split="train", loss=loss_sum / n,
+                             acc=100 * hits / n, lr=session.optimizer.param_groups[0]["lr"], img_per_s=n / (now - tick))
+                tracker.log(**event)
+                progress.show(event)
+                if not progress.live:
+                    log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", at.epoch + 1,
+                             session.steps, event["loss"], event["acc"], event["lr"], event["img_per_s"])
+                window.zero_()
+                logged, tick = images, now
+            stop_here()
+    if dist.enabled:  # once an epoch, beside the val evaluation's own sync
+        skipped = int(distributed.all_reduce_(torch.tensor([skipped], device=session.device), dist).item())
+    return EpochStats(images * dist.world_size, time.perf_counter() - start, data.seconds, skipped)
+
+
+def _describe(cfg: DictConfig, session: Session) -> None:
+    """What the run trains, on what, in one log line (and the lr scaling, if any)."""
+    loaders, dist = session.loaders, session.dist
+    log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d images a step%s",
+             cfg.data.name, session.num_classes, len(loaders.train.dataset),
+             len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset), cfg.backbone.name,
+             _params_m(session), session.device, session.amp or torch.float32, session.step_batch,
+             f" over {dist.world_size} processes" if dist.enabled else "")
+    if session.lr != cfg.optim.lr:
+        log.info("lr %.3g (optim.lr %.3g scaled %s to a step batch of %d)", session.lr, cfg.optim.lr,
+                 cfg.optim.lr_scale.name, session.step_batch)
+
+
+def _params_m(session: Session) -> float:
+    return sum(p.numel() for p in session.model.parameters()) / 1e6
+
+
+def _resume(session: Session, state: dict, tracker: RunLogger) -> Position:
+    """The session as the checkpoint left it (weights, optimiser, schedule, scaler, EMA, RNG) and
+    where training stood."""
+    dist, epochs = session.dist, session.cfg.trainer.epochs
+    if state["num_classes"] != session.num_classes:
+        raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {session.num_classes}")
+    session.load_state_dict(state, state["loaded_from"])
+    if len(state["rng"]) == dist.world_size:
+        checkpoint.set_rng_state(state["rng"][dist.rank])
+    else:
+        log.warning("the checkpoint was written by %d processes, this run has %d: random streams start afresh",
+                    len(state["rng"]), dist.world_size)
+    at = Position(state["epoch"], state["position"], state["best"])
+    if at.epoch < epochs:
+        log.info("resumed from %s at step %d (epoch %d%s)", state["loaded_from"], session.steps, at.epoch + 1,
+                 f", {at.samples} samples in" if at.samples else "")
+        tracker.event("resumed", step=session.steps, epoch=at.epoch + 1, position=at.samples,
+                      slurm_job_id=slurm_job_id())
+    else:  # trained to the end (resume=evaluate, or a run that stopped before its test evaluation)
+        log.info("%s: trained to the end (step %d); evaluating it", state["loaded_from"], session.steps)
+        tracker.event("evaluating", step=session.steps, slurm_job_id=slurm_job_id())
+    return at
+
+
+def _results(session: Session, at: Position, test: dict, epochs: list[EpochStats], skipped: dict) -> dict:
+    """What results.json says of the training and the test evaluation."""
+    timed = epochs[1:] or epochs  # the first epoch pays for worker start-up and warm-up
+    seconds = sum(e.seconds for e in timed)
     return {
-        "num_classes": num_classes, "best_val_acc": best["acc"] if best["epoch"] else None,
-        "best_epoch": best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "train_img_per_s": sum(n for n, _, _ in timed) / timed_s if timed else None,
-        "data_wait_pct": 100 * sum(w for _, _, w in timed) / timed_s if timed else None, "compile_s": compile_s,
-        "eval_img_per_s": test["img_per_s"], "peak_mem_mb": round(peak_mem_mb(device), 1),
-        "params_m": round(params_m, 3), "steps": step, "test_images": test["images"], "skipped_images": skipped,
+        "num_classes": session.num_classes, "best_val_acc": at.best["acc"] if at.best["epoch"] else None,
+        "best_epoch": at.best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "train_img_per_s": sum(e.images for e in timed) / seconds if timed else None,
+        "data_wait_pct": 100 * sum(e.data_wait_s for e in timed) / seconds if timed else None,
+        "compile_s": session.compile_s, "eval_img_per_s": test["img_per_s"],
+        "peak_mem_mb": round(peak_mem_mb(session.device), 1), "params_m": round(_params_m(session), 3),
+        "steps": session.steps, "test_images": test["images"], "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
-        "region_hit": test.get("region_hit"), **diagnostics,
+        "region_hit": test.get("region_hit"),
     }
 
 
@@ -454,11 +434,11 @@ def _diagnose(name: str, measure) -> dict:
         return {name: None, f"{name}_error": message}
 
 
-def _cost(model: nn.Module, loaders, device: torch.device, amp: torch.dtype | None, channels_last: bool) -> dict:
+def _cost(session: Session) -> dict:
     """FLOPs and time of one training step (engine/cost.py), on the first train batch."""
-    batch = next(iter(loaders.train))
-    cost = measure_cost(model, *to_device(batch.images, batch.labels, device, channels_last), amp,
-                        truth=batch.boxes.to(device))
+    batch = next(iter(session.loaders.train))
+    images, labels = to_device(batch.images, batch.labels, session.device, session.channels_last)
+    cost = measure_cost(session.model, images, labels, session.amp, truth=batch.boxes.to(session.device))
     log.info("cost: %.3f GFLOPs/image forward | step %.1f ms%s%s", cost["gflops_per_image"]["total"], cost["step_ms"],
              f" | selection {cost['select_ms']:.3f} ms ({cost['select_share_pct']:.3f} % of a step)"
              if "select_ms" in cost else "",

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from fgvr.engine.bench import StepTimer, bench, peak_tflops
+from fgvr.engine.bench import bench, peak_tflops
+from fgvr.engine.session import Session, StepTimer
 from fgvr.runtime.errors import ConfigError
 from tests.conftest import TINY, fgvr
 
@@ -76,20 +77,36 @@ def test_unknown_bench_key_is_one_line(tmp_path):
                                    "eval_steps, out, peak_tflops, steps, warmup")
 
 
-def test_step_timer_gives_the_median_of_each_phase():
+def test_step_timer_gives_the_median_of_each_phase_summed_over_a_step():
+    """A step of two micro-batches marks forward and backward twice: the step's time in each phase is their sum."""
     timer = StepTimer(torch.device("cpu"))
     for _ in range(3):
-        timer.start()
-        time.sleep(0.01)
-        timer.mark("a")
-        time.sleep(0.03)
-        timer.mark("b")
+        timer.mark("start")
+        for _ in range(2):
+            time.sleep(0.005)
+            timer.mark("a")
+            time.sleep(0.015)
+            timer.mark("b")
     phases = timer.phases_ms()
     assert list(phases) == ["a", "b"] and 10 <= phases["a"] < 25 and 30 <= phases["b"] < 45
-    quiet = StepTimer(torch.device("cpu"), enabled=False)
-    quiet.start()
-    quiet.mark("a")
-    assert quiet.phases_ms() == {}
+
+
+def test_bench_times_the_trainers_step(train_run, compose_bench, monkeypatch):
+    """One step implementation: bench and train both call Session.step, with trainer.accum_steps
+    micro-batches in each; bench's img/s count all of a step's images."""
+    calls = []
+    step = Session.step
+
+    def spy(self, batches, timer=None):
+        calls.append(len(batches))
+        return step(self, batches, timer)
+
+    monkeypatch.setattr(Session, "step", spy)
+    out = bench(compose_bench("trainer.accum_steps=2"))
+    assert out["accum_steps"] == 2 and calls == [2] * 8  # warm-up and timed steps, model alone and whole loop
+    calls.clear()
+    results, _ = train_run("trainer.epochs=1", "trainer.accum_steps=2")
+    assert calls == [2] * results["steps"] and results["steps"] > 0
 
 
 def test_peak_is_looked_up_by_gpu_name_and_precision(monkeypatch):

@@ -14,6 +14,8 @@ import re
 import signal
 import sys
 
+from fgvr.runtime.errors import first_line
+
 USAGE = """\
 usage: fgvr <command> [hydra overrides] [--help]
 
@@ -216,13 +218,13 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
     if isinstance(e, MissingConfigException):
         return _missing_option(e), 2
     if isinstance(e, OverrideParseException):
-        return f"{_first_line(e)} (overrides look like key=value, +key=value or group=option)", 2
+        return f"{first_line(e)} (overrides look like key=value, +key=value or group=option)", 2
     if isinstance(e, ConfigCompositionException) and isinstance(e.__cause__, OmegaConfBaseException):
         e = e.__cause__
     if isinstance(e, OmegaConfBaseException):
         return _omegaconf_error(e, command), 2
     if isinstance(e, ConfigCompositionException):
-        return _first_line(e), 2
+        return first_line(e), 2
     if isinstance(e, AssertionError) and "Unexpected type for root: NoneType" in str(e):
         # OmegaConf asserts instead of raising when an override reaches into a null section.
         return ("an override sets a key inside a section that is null in this config (e.g. data.synth.* with "
@@ -238,7 +240,7 @@ def _job_error(message: str) -> str:
     logs = re.search(r"(\S+/\.submitit/[^/\s]+)/", message)
     parts = re.split(r"\n-{10,}\n", message)  # the job's traceback or error stream sits between dashed lines
     body = parts[1].strip().splitlines() if len(parts) > 1 else []
-    last = body[-1].strip() if body else _first_line(message)
+    last = body[-1].strip() if body else first_line(message)
     return (f"SLURM job {job.group(1) if job else '?'} failed{f' (state: {state.group(1)})' if state else ''}: "
             f"{last}{f'; logs: {logs.group(1)}' if logs else ''}")
 
@@ -249,7 +251,7 @@ def _missing_option(e) -> str:
 
     match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(e))
     if not match:
-        return _first_line(e)
+        return first_line(e)
     group, option = match.groups()
     options = sorted(e.options or (p.stem for p in (config_dir() / group).glob("*.yaml")))
     add = "+" if group == "experiment" else ""
@@ -261,7 +263,7 @@ def _omegaconf_error(e, command: str) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
     key = getattr(e, "full_key", None) or ""
-    msg = _first_line(e)
+    msg = first_line(e)
     if isinstance(e, MissingMandatoryValue):
         return f"{key} is required: pass {key}=..."
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
@@ -276,7 +278,7 @@ def _omegaconf_error(e, command: str) -> str:
 
 
 def _schema_keys(command: str, parent: str) -> list[str]:
-    """The keys the command's schema (fgvr/config.py) allows under a dotted path; [] if it is free-form."""
+    """The keys the command's schema (fgvr/runtime/config.py) allows under a dotted path; [] if it is free-form."""
     import dataclasses
     import typing
 
@@ -286,10 +288,6 @@ def _schema_keys(command: str, parent: str) -> list[str]:
     for part in filter(None, parent.split(".")):
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":

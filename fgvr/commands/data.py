@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.errors import ConfigError, DataError, first_line
 
 USAGE = """\
 fgvr data list                              the benchmarks, their official counts and how each is fetched
@@ -84,7 +84,7 @@ def data_config(name: str, root: str | None, overrides: list[str]):
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"data.{getattr(e, 'full_key', '') or '?'}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"data.{getattr(e, 'full_key', '') or '?'}: {first_line(e)}") from None
     if root is not None:
         cfg.root = str(Path(root).expanduser().resolve())
     elif cfg.root is None and cfg.synth is None:
@@ -93,12 +93,12 @@ def data_config(name: str, root: str | None, overrides: list[str]):
 
 
 def _cache_dir() -> str:
-    """paths.cache_dir as configs/train.yaml sets it (FGVR_CACHE_DIR, or its default)."""
+    """paths.cache_dir at its default (FGVR_CACHE_DIR, or ~/.cache/fgvr)."""
     from omegaconf import OmegaConf
 
-    from fgvr.runtime.config import config_dir
+    from fgvr.runtime.config import PathsConfig
 
-    return os.path.expanduser(OmegaConf.load(config_dir() / "train.yaml").paths.cache_dir)
+    return os.path.expanduser(OmegaConf.structured(PathsConfig).cache_dir)
 
 
 def _splits(cfg):
@@ -112,7 +112,7 @@ def check(cfg, workers: int | None) -> tuple[dict, bool]:
 
     from fgvr.data.check import check as check_images
 
-    report = check_images(cfg.name, str(cfg.root), _splits(cfg), cfg.level, workers, progress=True,
+    report = check_images(cfg.name, cfg.format.value, str(cfg.root), _splits(cfg), cfg.level, workers, progress=True,
                           counts=cfg.check_counts)
     print(report.format())
     return asdict(report) | {"ok": report.ok}, report.ok

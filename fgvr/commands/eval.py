@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from fgvr.engine.evaluate import check_split, checkpoint_path, evaluate, load_run, split_loader
-from fgvr.engine.session import autocast_dtype
 from fgvr.runtime.config import EvalConfig, check_values
+from fgvr.runtime.device import autocast_dtype
 from fgvr.runtime.errors import ConfigError
 from fgvr.runtime.rundir import RunDir
 from fgvr.runtime.tracker import is_run_dir, write_json
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def run_dir_of(checkpoint: Path) -> RunDir | None:
     """The run dir a checkpoint belongs to (<run dir>/checkpoints/<name>.pt), or None for a loose file."""
-    folder = checkpoint.parent.parent
-    return RunDir(folder) if checkpoint.parent.name == "checkpoints" and is_run_dir(folder) else None
+    run = RunDir(checkpoint.parent.parent)
+    return run if run.checkpoints == checkpoint.parent and is_run_dir(run.path) else None
 
 
 def output_path(ckpt: Path, out: str | None, default: Callable[[RunDir], Path],

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from fgvr.runtime.config import upgrade
 from fgvr.runtime.errors import DataError
 from fgvr.runtime.rundir import RunDir
 from fgvr.runtime.tracker import flatten, is_run_dir
@@ -58,7 +59,8 @@ def read_run_dir(path: Path) -> Record:
     run = RunDir(path)
     config_file = run.config
     try:
-        config = flatten(OmegaConf.to_container(OmegaConf.load(config_file)), ".") if config_file.is_file() else {}
+        config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
+        config = flatten(upgrade(config), ".")  # an older fgvr's keys as today's
     except Exception as e:  # yaml's and OmegaConf's errors
         raise DataError(f"{config_file}: not a readable config ({type(e).__name__}); restore or remove it") from None
     try:

@@ -5,9 +5,10 @@ Every source of runs (`read_run_dir`; `fgvr.commands.wandb_runs.read_wandb`) pro
 `Record` (the run's flat config and results), so the table maths (`build_table`) and the formats
 never depend on where the runs came from.
 
-Runs are averaged only when they differ in nothing but the seed and keys that cannot change a
-result (where the data lives, logging, workers, compilation): a key that varies otherwise is
-added to the row label, and the table says which keys those were. Runs that failed, are still
+Runs are averaged only when they differ in nothing but keys that cannot change a result (the
+schema's neutral ones, fgvr/runtime/config.py: the seed, where the data lives, logging, workers,
+compilation): a key that varies otherwise is added to the row label, and the table says which keys
+those were. Runs that failed, are still
 running or lack the metric are listed under the table, never averaged in or dropped. A seed counts
 once: of runs that agree on every setting and the seed (a relaunch into a new dir), only the one
 that ended last is averaged, and the table names the others.
@@ -24,13 +25,10 @@ from typing import Any
 
 from fgvr.commands.records import Record, read_run_dir, run_dirs
 from fgvr.commands.wandb_runs import read_wandb
+from fgvr.runtime.config import neutral
 from fgvr.runtime.errors import ConfigError, DataError
 from fgvr.runtime.files import atomic_write, write_text_atomic
 
-# Config keys (and prefixes) that never change a run's result.
-NEUTRAL = ("seed", "name", "paths", "logger", "resume", "hydra", "data.root", "data.num_workers",
-           "data.eval_batch_size", "data.cache", "data.check_counts", "trainer.device", "trainer.log_every",
-           "trainer.eval_every", "trainer.limit_eval_batches", "trainer.compile", "trainer.grad_checkpointing")
 # The config choices results.json records, in the order they label a row.
 CHOICES = ("dataset", "backbone_config", "selector", "texture", "head")
 FORMATS = ("md", "csv", "latex", "json")
@@ -160,7 +158,7 @@ def build_table(records: list[Record], rows: list[str], cols: list[str], metric:
     def varying(cells: dict, keys) -> list[str]:
         """The keys among `keys` whose value differs between two runs of one cell."""
         return sorted({k for runs in cells.values() for k in keys(runs)
-                       if k not in rows and k not in cols and not any(k == p or k.startswith(p + ".") for p in NEUTRAL)
+                       if k not in rows and k not in cols and not neutral(k)
                        and len({_value_key(r.get(k)) for r in runs}) > 1})
 
     # Runs that would share a cell but differ in more than the seed are kept apart: first by the

@@ -22,7 +22,7 @@ from fgvr.commands.eval import output_path
 from fgvr.engine.evaluate import check_split, checkpoint_path, load_run, split_loader
 from fgvr.runtime.config import VizConfig, check_values
 from fgvr.runtime.errors import FgvrError
-from fgvr.runtime.tracker import init_wandb, write_json
+from fgvr.runtime.tracker import start_logger, write_json
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def visualise(cfg: VizConfig) -> list[Path]:
         (out_dir / stale).unlink(missing_ok=True)
     write_json(out_dir / INDEX, index | {cfg.split: [p.name for p in paths]})
     log.info("wrote %d figures to %s", len(paths), out_dir)
-    if run.cfg.logger.name == "wandb":
+    if run.cfg.logger.get("_target_"):  # logger=wandb
         _to_wandb(run, rows, cfg.split, out_dir)
     return paths
 
@@ -181,8 +181,8 @@ def _to_wandb(run, rows: list, split: str, out_dir: Path) -> None:
 
     original = run.state.get("wandb_id")
     name = run.state.get("run_name") or original or run.path.parent.parent.name  # older checkpoints: the id
-    wb = init_wandb(run.cfg.logger, out_dir, None, name=f"{name}-viz", group=run.state.get("run_group") or original,
-                    job_type="viz", tags=list(run.cfg.logger.get("tags") or []))
+    wb = start_logger(run.cfg.logger, out_dir, None, name=f"{name}-viz", group=run.state.get("run_group") or original,
+                      job_type="viz")
     table = wandb.Table(columns=["figure", "prediction", "label", "correct"])
     for path, pred, label, correct in rows:
         table.add_data(wandb.Image(str(path)), pred, label, correct)

@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from fgvr.commands.records import Record
-from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.config import upgrade
+from fgvr.runtime.errors import ConfigError, DataError, first_line
 from fgvr.runtime.tracker import flatten
 
 PER_PAGE = 50  # runs per API request
@@ -44,7 +45,7 @@ def to_record(run: Any) -> Record:
     """A W&B run (config + summary) as the record its run dir would give."""
     summary = {k.replace("/", "."): v for k, v in flatten(dict(run.summary_metrics), ".").items()
                if not k.startswith("_")}  # W&B's own _step, _runtime, _wandb ...
-    config = flatten(run.config, ".")  # wandb leaves its own _wandb out
+    config = flatten(upgrade(dict(run.config)), ".")  # wandb leaves its own _wandb out; an older fgvr's keys as today's
     if run.state in ACTIVE:
         status = "running"
     else:  # without fgvr's status, the run died before its end: W&B's crashed, killed or failed
@@ -97,7 +98,3 @@ def read_wandb(project: str, group: str | None = None, filters: str | None = Non
         if runs.last_response is not None and runs.last_response.get("project") is None:
             raise DataError(f"W&B: no project {project}, or no access to it; check --project") from None
         raise
-
-
-def first_line(error: Exception) -> str:
-    return (str(error) or type(error).__name__).strip().splitlines()[0]

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fgvr.data.image import load_image
 from fgvr.data.readers import Records
 from fgvr.runtime.errors import DataError
+from fgvr.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,14 @@ def _build(paths: np.ndarray, side: int, path: Path, workers: int, skip_bad: boo
                         "free; set paths.cache_dir=<a larger disk> or data.cache=none")
     log.info("decoding %d images at %d px into %s (%.1f GiB, once)", len(paths), side, path, need / 2**30)
     start = time.perf_counter()
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(paths), side, side, 3))
         sizes = np.zeros((len(paths), 2), np.int32)
-        loader = DataLoader(_Decode(paths, side, skip_bad), batch_size=None, num_workers=workers)
+        # Its own generator: a loader draws its workers' seeds from the global RNG otherwise, and the run
+        # that builds the cache would start from other weights than the runs that find it.
+        loader = DataLoader(_Decode(paths, side, skip_bad), batch_size=None, num_workers=workers,
+                            generator=torch.Generator())
         for i, image, size in loader:
             if image is not None:
                 images[i] = image
@@ -142,8 +144,4 @@ def _build(paths: np.ndarray, side: int, path: Path, workers: int, skip_bad: boo
         del images
         np.save(tmp / "sizes.npy", sizes)
         (tmp / "paths.txt").write_text("\n".join(paths) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("decoded cache ready in %.0f s", time.perf_counter() - start)

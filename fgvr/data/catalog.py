@@ -1,8 +1,9 @@
 """The standard benchmarks in one table: official totals, where each is fetched from (with the
 checksums every download is verified against) and where data.root is once it is extracted.
 
-A benchmark's key is its config name in configs/data/. Totals are the official splits as the
-readers return them (Flowers: train + val; Aircraft: trainval; iNat2017: val as the test split).
+A benchmark's key is its config name in configs/data/ and its data.format. Totals are the official
+splits as the readers return them (Flowers: train + val; Aircraft: trainval; iNat2017: val as the test
+split).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Benchmark:
     boxes: bool  # the official files give object boxes
     manual: str = ""  # what the user has to do by hand before `fgvr data download` can finish
     level_classes: dict[str, int] = field(default_factory=dict)  # class counts at other label levels (data.level)
+    reader: str = ""  # the reader of its files (fgvr/data/readers.py); default: its name
 
     def num_classes(self, level: str | None = None) -> int:
         return self.level_classes.get(level, self.classes) if level else self.classes
@@ -53,7 +55,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("cub", "CUB-200-2011", 200, 5994, 5794, "CUB_200_2011", boxes=True, archives=(
         Archive("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
                 ("md5:97eceeb196236b17998738112f37df78",), size=1150585339),)),
-    Benchmark("nabirds", "NABirds", 555, 23929, 24633, "nabirds", boxes=True, archives=(
+    Benchmark("nabirds", "NABirds", 555, 23929, 24633, "nabirds", boxes=True, reader="cub", archives=(
         Archive(None, ("md5:df21a9e4db349a14e2b08adfd45873bd",), filename="nabirds.tar.gz"),),
         manual="Cornell hands NABirds out only after you accept its terms of use: fill in the form at "
                "https://dl.allaboutbirds.org/nabirds and download nabirds.tar.gz."),
@@ -89,7 +91,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
                 size=791918971),
         Archive(f"{_VGG}/pets/data/annotations.tar.gz", ("md5:95a8c909bbe2e81eed6a22bccdf3f68f",),
                 into="oxford-iiit-pet", size=19173078))),
-    Benchmark("inat2017", "iNaturalist 2017", 5089, 579184, 95986, "inat2017", boxes=False, archives=(
+    Benchmark("inat2017", "iNaturalist 2017", 5089, 579184, 95986, "inat2017", boxes=False, reader="inat", archives=(
         Archive(f"{_INAT}/train_val_images.tar.gz", ("md5:7c784ea5e424efaec655bd392f87301f",), into="inat2017",
                 size=198765436676),
         Archive(f"{_INAT}/train_val2017.zip", ("md5:444c835f6459867ad69fcb36478786e7",), into="inat2017",

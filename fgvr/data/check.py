@@ -45,16 +45,16 @@ def count_problems(bench: Benchmark, splits: Splits, level: str | None = None, t
     return problems
 
 
-def quick_check(name: str, root: str, splits: Splits, level: str | None = None, decode: bool = True,
+def quick_check(fmt: str, root: str, splits: Splits, level: str | None = None, decode: bool = True,
                 sample: int = 8) -> None:
-    """What `fgvr train` checks before it starts: the official totals (where `name` is a known
+    """What `fgvr train` checks before it starts: the official totals (where data.format `fmt` is a
     benchmark) and, with `decode`, that a few train images spread over the split decode."""
-    bench = BENCHMARKS.get(name)
+    bench = BENCHMARKS.get(fmt)
     if bench is not None:
         problems = count_problems(bench, splits, level)
         if problems:
             raise DataError(f"data.root={root}: {'; '.join(problems)}; point data.root at the complete data set "
-                            f"(fgvr data check {name} --root DIR says what is wrong) or set data.check_counts=false "
+                            f"(fgvr data check {fmt} --root DIR says what is wrong) or set data.check_counts=false "
                             "to train on these")
     if not decode:
         return
@@ -134,11 +134,12 @@ class Report:
         return "\n".join(lines)
 
 
-def check(name: str, root: str, splits: Splits, level: str | None = None, workers: int | None = None,
+def check(name: str, fmt: str, root: str, splits: Splits, level: str | None = None, workers: int | None = None,
           progress: bool = False, counts: bool = True) -> Report:
-    """Counts against the official totals (unless not `counts`: a subset), then every image opened and decoded."""
+    """Counts against the official totals of data.format `fmt` (unless not `counts`: a subset), then every
+    image opened and decoded; `name` is data.name, the report's."""
     report = Report(name, root, {"train": len(splits.train), "test": len(splits.test)}, len(splits.classes))
-    bench = BENCHMARKS.get(name)
+    bench = BENCHMARKS.get(fmt)
     if bench is None:
         report.notes.append(f"{name} has no official totals to compare with")
     elif not counts:

@@ -17,7 +17,7 @@ from fgvr.data.check import quick_check
 from fgvr.data.image import load_image
 from fgvr.data.readers import Records, read_splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
-from fgvr.runtime.config import DataCache, DataConfig
+from fgvr.runtime.config import DataCache, DataConfig, DataFormat
 from fgvr.runtime.distributed import cpus_per_process
 from fgvr.runtime.errors import DataError
 from fgvr.runtime.preemption import protect_worker
@@ -220,8 +220,8 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
     With data.cache=decoded the images come from a decoded cache of each official split (built
     on first use)."""
     splits = read_splits(cfg, cache_dir)
-    if getattr(cfg, "check_counts", True):  # configs of older runs have none
-        quick_check(cfg.name, cfg.root, splits, getattr(cfg, "level", None), decode=not cfg.skip_bad)
+    if cfg.check_counts:
+        quick_check(DataFormat(cfg.format).value, cfg.root, splits, cfg.level, decode=not cfg.skip_bad)
     train_idx, val_idx = stratified_split(splits.train.labels, cfg.val_fraction, seed)
     parts = {"train": splits.train.subset(train_idx), "val": splits.train.subset(val_idx), "test": splits.test}
     found = {k: check_files(r, k, cfg.skip_bad) for k, r in parts.items()}
@@ -231,7 +231,7 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     size = round(cfg.img_size * scale)
     decoded = None
-    if DataCache(getattr(cfg, "cache", "none")) is DataCache.decoded:  # configs of older runs have none
+    if DataCache(cfg.cache) is DataCache.decoded:
         side = round(size * cfg.resize_ratio)  # the transforms' first resize
         decoded = {split: decoded_cache(getattr(splits, split), side, cache_dir, split, workers, cfg.skip_bad)
                    for split in ("train", "test")}

@@ -3,7 +3,8 @@
 A reader only parses annotation files; it never opens images. Labels are 0-based and
 contiguous; boxes are (x1, y1, x2, y2) in the original image's pixel coordinates (the left edge
 of the first pixel is 0; the 1-based inclusive boxes of the MATLAB-era files are converted),
-NaN where unknown. `read_splits` picks the reader a data config names.
+NaN where unknown. `read_splits` picks the reader of what data.format names: a benchmark's own
+(fgvr/data/catalog.py), a layout of your own (folder, csv), or the CUB one for a generated set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from fgvr.data.catalog import BENCHMARKS
+from fgvr.runtime.config import DataFormat
 from fgvr.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -437,23 +440,30 @@ READERS: dict[str, Callable[..., Splits]] = {
     "pets": read_pets, "inat": read_inat, "folder": read_folder, "csv": read_csv}
 
 
+def reader(fmt: DataFormat) -> Callable[..., Splits]:
+    """The reader of what data.format names: a benchmark's own, a layout's of your own, CUB's for synth."""
+    bench = BENCHMARKS.get(fmt.value)
+    return READERS[(bench.reader or bench.name) if bench else "cub" if fmt is DataFormat.synth else fmt.value]
+
+
 def read_splits(cfg, cache_dir: str) -> Splits:
-    """The official splits of the data set a data config names (the synthetic one is generated
-    on first use)."""
-    root = cfg.root
-    if cfg.synth is not None and root is None:
+    """The official splits of the data set a data config names (a generated one is made on first use)."""
+    fmt, root = DataFormat(cfg.format), cfg.root
+    if fmt is DataFormat.synth and root is None:
         from fgvr.data.synth import generate, synth_root
 
+        if cfg.synth is None:
+            raise ConfigError("data.synth is null, and data.format=synth generates the set from it; "
+                              "use data=synth or data=synth_parts")
         root = synth_root(cache_dir, cfg.synth)
         if not (root / "images.txt").is_file():
             log.info("generating the synthetic data set in %s (once)", root)
         generate(root, cfg.synth)
     if root is None:
         raise ConfigError(f"data.root is not set; pass data.root=/path/to/{cfg.name}")
-    fmt = getattr(cfg.format, "value", cfg.format)  # the DataFormat enum, or its name
-    level = getattr(cfg, "level", None)  # configs of older runs have none
-    if level is not None and fmt != "aircraft":
-        raise ConfigError(f"data.level={level}: only data=aircraft has label levels; drop the override")
-    options = {"csv": dict(train_csv=cfg.train_csv, test_csv=cfg.test_csv),
-               "aircraft": dict(level=level or "variant")}.get(fmt, {})
-    return READERS[fmt](root, **options)
+    if cfg.level is not None and fmt is not DataFormat.aircraft:
+        raise ConfigError(f"data.level={cfg.level}: only data=aircraft has label levels; drop the override")
+    options = dict(train_csv=cfg.train_csv, test_csv=cfg.test_csv) if fmt is DataFormat.csv else {}
+    if cfg.level is not None:
+        options["level"] = cfg.level
+    return reader(fmt)(root, **options)

@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
 
 from fgvr.runtime.config import SynthConfig, SynthKind
-from fgvr.runtime.errors import ConfigError
+from fgvr.runtime.errors import ConfigError, DataError
+from fgvr.runtime.files import atomic_dir
 
 FREQUENCIES = (0.08, 0.16)  # discs: cycles per pixel at the stored image size
 VERSION = 2  # discs; 2: the part anywhere in the frame (1: only in the central half)
 PARTS_VERSION = 1
+Box = tuple[float, float, float, float]
 DISCS_KEYS = ("num_classes", "train_per_class", "test_per_class", "image_size", "distractors", "seed")
 
 
@@ -45,14 +45,9 @@ def class_grid(num_classes: int) -> list[tuple[float, float]]:
     return [(np.pi * (k % per_freq) / per_freq, FREQUENCIES[k // per_freq]) for k in range(num_classes)]
 
 
-def _kind(cfg: SynthConfig) -> SynthKind:
-    kind = getattr(cfg, "kind", None) or SynthKind.discs  # configs of runs made before kind=parts have none
-    return SynthKind(getattr(kind, "value", kind))
-
-
 def synth_root(cache_dir: str | Path, cfg: SynthConfig) -> Path:
     """Where a given generator setting lives: the folder name hashes the settings that kind uses."""
-    if _kind(cfg) is SynthKind.discs:
+    if SynthKind(cfg.kind) is SynthKind.discs:
         key, prefix = {"v": VERSION, **{k: getattr(cfg, k) for k in DISCS_KEYS}}, "synth"
     else:
         names = [k for k in SynthConfig.__dataclass_fields__ if k != "kind"]
@@ -151,49 +146,57 @@ def render_parts(rng: np.random.Generator, label: int, cfg: SynthConfig) -> tupl
 
 
 def class_names(cfg: SynthConfig) -> list[str]:
-    if _kind(cfg) is SynthKind.discs:
+    if SynthKind(cfg.kind) is SynthKind.discs:
         return [f"{k + 1:03d}.theta{round(np.degrees(t)):03d}_freq{f:.2f}"
                 for k, (t, f) in enumerate(class_grid(cfg.num_classes))]
     return [f"{k + 1:03d}.colour{g}_theta{round(np.degrees(t)):03d}" for k, (g, t) in enumerate(parts_classes(cfg))]
 
 
 def generate(root: str | Path, cfg: SynthConfig) -> Path:
-    """Write the set to `root` once (atomically: built in a temp dir, then renamed)."""
+    """Write the set to `root` once (atomically: built in a temporary folder, then renamed)."""
     root = Path(root)
     if (root / "images.txt").is_file():
         return root
-    parts = _kind(cfg) is SynthKind.parts
+    parts = SynthKind(cfg.kind) is SynthKind.parts
     if parts:
         check_parts(cfg)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        rng = np.random.default_rng(cfg.seed)
-        class_dirs = class_names(cfg)
-        draw = render_parts if parts else render
-        lines: dict[str, list[str]] = {n: [] for n in ("images", "labels", "split", "boxes")}
+    rng = np.random.default_rng(cfg.seed)
+    draw = render_parts if parts else render
+
+    def images():
         image_id = 0
-        for label, cdir in enumerate(class_dirs):
-            (tmp / "images" / cdir).mkdir(parents=True)
+        for label in range(cfg.num_classes):
             for j in range(cfg.train_per_class + cfg.test_per_class):
                 image_id += 1
                 img, box = draw(rng, label, cfg)
-                rel = f"{cdir}/synth_{image_id:05d}.jpg"
-                cv2.imwrite(str(tmp / "images" / rel), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-                lines["images"].append(f"{image_id} {rel}")
-                lines["labels"].append(f"{image_id} {label + 1}")
-                lines["split"].append(f"{image_id} {int(j < cfg.train_per_class)}")
-                lines["boxes"].append(f"{image_id} " + " ".join(f"{v:.1f}" for v in box))
-        files = {"images": "images.txt", "labels": "image_class_labels.txt", "split": "train_test_split.txt",
-                 "boxes": "bounding_boxes.txt"}
-        for key, name in files.items():
-            (tmp / name).write_text("\n".join(lines[key]) + "\n")
-        (tmp / "classes.txt").write_text("".join(f"{k + 1} {d}\n" for k, d in enumerate(class_dirs)))
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first; its copy is identical
-            if not (root / "images.txt").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                yield label, f"synth_{image_id:05d}.jpg", img, j < cfg.train_per_class, box
+
+    with atomic_dir(root) as tmp:
+        write_cub(tmp, class_names(cfg), images())
+    return root
+
+
+def write_cub(root: str | Path, classes: list[str], images: Iterable[tuple[int, str, np.ndarray, bool, Box]],
+              quality: int = 95) -> Path:
+    """A data set in the official CUB-200-2011 layout: images/<class>/<name>, images.txt,
+    image_class_labels.txt, train_test_split.txt, bounding_boxes.txt and classes.txt, with 1-based
+    ids in the order given. `images` yields (label from 0, file name, uint8 pixels: RGB (H, W, 3) or
+    grey (H, W), whether it is a train image, its box (x, y, w, h) in pixels)."""
+    root = Path(root)
+    lines: dict[str, list[str]] = {n: [] for n in ("images", "labels", "split", "boxes")}
+    for image_id, (label, name, pixels, train, box) in enumerate(images, 1):
+        rel = f"{classes[label]}/{name}"
+        (root / "images" / classes[label]).mkdir(parents=True, exist_ok=True)
+        pixels = pixels[..., ::-1] if pixels.ndim == 3 else pixels  # OpenCV writes BGR
+        if not cv2.imwrite(str(root / "images" / rel), pixels, [cv2.IMWRITE_JPEG_QUALITY, quality]):
+            raise DataError(f"{root / 'images' / rel}: cannot write the image")
+        lines["images"].append(f"{image_id} {rel}")
+        lines["labels"].append(f"{image_id} {label + 1}")
+        lines["split"].append(f"{image_id} {int(train)}")
+        lines["boxes"].append(f"{image_id} " + " ".join(f"{v:.1f}" for v in box))
+    files = {"images": "images.txt", "labels": "image_class_labels.txt", "split": "train_test_split.txt",
+             "boxes": "bounding_boxes.txt"}
+    for key, name in files.items():
+        (root / name).write_text("\n".join(lines[key]) + "\n")
+    (root / "classes.txt").write_text("".join(f"{k + 1} {d}\n" for k, d in enumerate(classes)))
     return root

@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fgvr.data.dataset import Loaders, build_loaders, require_boxes
-from fgvr.models.model import FGVRModel, build_model, source_scale
+from fgvr.models.model import FGVRModel, build_model, settings, source_scale
 from fgvr.models.selectors import localisation
 from fgvr.runtime import checkpoint, distributed
+from fgvr.runtime.config import upgrade, with_defaults
 from fgvr.runtime.device import resolve_device, to_device
 from fgvr.runtime.distributed import Dist
 from fgvr.runtime.errors import ConfigError, DataError
@@ -91,14 +92,13 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batc
     """Rebuild a run's model (its EMA weights if it had them) and loaders from a checkpoint."""
     path = checkpoint_path(ckpt)
     state = checkpoint.load(path)
-    run_cfg = OmegaConf.create(state["config"])
+    run_cfg = OmegaConf.create(with_defaults(upgrade(state["config"])))  # an older fgvr's in today's keys
     run_cfg.backbone.pretrained = False  # the weights come from the checkpoint, not the hub
     run_cfg.backbone.checkpoint = None
     texture, selector = run_cfg.get("texture") or {}, run_cfg.get("selector") or {}
-    if texture.get("_target_") and "crop_source" not in texture:
+    if texture.get("_target_") and "crop_source" not in texture and selector.get("_target_"):
         # Runs made before texture.crop_source: the branch cut its regions where the selector did.
-        texture.crop_source = selector.get("crop_source", "input") if selector.get("_target_") else "input"
-        texture.source_scale = selector.get("source_scale", 2.0)
+        texture.crop_source, texture.source_scale = settings(selector, "crop_source", "source_scale")
     if data_root is not None:
         run_cfg.data.root = data_root
     if batch_size is not None:

@@ -6,7 +6,11 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from fgvr.runtime.config import LrScale, OptimName
+from fgvr.runtime.config import LrScale, instantiate
+
+# Keys of the optim config that are not the optimiser class's arguments: fgvr's (lr is scaled first,
+# weight_decay goes to one of two parameter groups) and the schedule's.
+NOT_ARGUMENTS = ("lr", "weight_decay", "warmup_steps", "warmup_lr", "min_lr", "lr_scale", "lr_batch_size")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,12 +35,13 @@ def scaled_lr(cfg, step_batch: int, batch_size: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    """optim._target_ over param_groups at `lr` (scaled_lr's), with the config's other arguments that
+    are set (momentum, betas); fused on CUDA, foreach elsewhere."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    name = OptimName(cfg.name) if not isinstance(cfg.name, OptimName) else cfg.name
-    if name is OptimName.sgd:
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False, **fast)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fast)
+    arguments = {k: v for k, v in cfg.items() if k not in NOT_ARGUMENTS and v is not None}
+    make = instantiate("optim", arguments, _partial_=True,
+                       supplied=("params", "lr", "weight_decay", "fused", "foreach"))
+    return make(param_groups(model, cfg.weight_decay), lr=lr, **fast)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,

@@ -1,12 +1,15 @@
-"""The training loop, in one file: data, forward, loss, backward, clip, step, schedule, log,
-evaluate, checkpoint. Features are flags in `cfg.trainer`, not callbacks.
+"""The training loop, in one file. `_fit` reads top to bottom: build the session (engine/
+session.py: loaders, model, optimiser, the step), resume where a checkpoint left off, then each
+epoch's steps (`_train_epoch`: data, forward, loss, backward, clip, step, schedule, log), a val
+evaluation and last.pt; at the end the test evaluation and results. Features are flags in
+`cfg.trainer`, not callbacks. `train` around it decides whether a launch may write its run dir.
 
 A run dir holds everything: `.hydra/` (the resolved config), `metrics.jsonl`, `checkpoints/
 {last,best}.pt` and, at the end, `results.json`. Relaunching with the same run dir resumes
 from `checkpoints/last.pt` (resume=auto). last.pt is written after every epoch and, when the
 job is told to stop (SIGUSR2 before a SLURM time limit, SIGTERM), at the next step boundary;
 a resume is exact: model, optimizer, scheduler, step, RNG states and the position in the
-epoch's sample order. With several processes (engine/distributed.py) each rank trains on its
+epoch's sample order. With several processes (runtime/distributed.py) each rank trains on its
 shard of every batch and rank 0 writes the files."""
 
 from __future__ import annotations
@@ -30,22 +33,16 @@ from fgvr.engine.cost import measure_cost
 from fgvr.engine.progress import EpochProgress
 from fgvr.engine.session import Session
 from fgvr.runtime import checkpoint, distributed
-from fgvr.runtime.config import TrainConfig, check_values
+from fgvr.runtime.config import TrainConfig, check_values, resumable, upgrade
 from fgvr.runtime.device import peak_mem_mb, resolve_device, to_device
 from fgvr.runtime.distributed import AnyRank, Dist
-from fgvr.runtime.errors import ConfigError, FgvrError
+from fgvr.runtime.errors import ConfigError, FgvrError, first_line
 from fgvr.runtime.preemption import Interrupted, StopOnSignal
 from fgvr.runtime.rundir import RunDir, checkpoint_in
 from fgvr.runtime.tracker import RunInfo, RunLogger, git_sha, slurm_job_id, versions, write_json
 
 log = logging.getLogger(__name__)
 
-# Keys a resumed run may change; any other difference means it is a different run.
-RESUMABLE_CHANGES = ("trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.device",
-                     "trainer.devices", "trainer.compile", "trainer.grad_checkpointing",
-                     "trainer.limit_eval_batches", "trainer.export_backbone", "data.root", "data.num_workers",
-                     "data.eval_batch_size", "data.cache", "data.check_counts", "data.skip_bad", "logger", "resume",
-                     "paths", "name")
 # What a checkpoint needs beyond fgvr's checkpoint.REQUIRED to resume a run from it.
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "position", "best", "rng", "num_classes")
 # What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
@@ -121,7 +118,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
             if run.group is None:
                 rundir.discard_if_empty()
             else:  # a sweep's job: a record, so that the sweep's summary counts it
-                write_json(rundir.results, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                write_json(rundir.results, {"status": "failed", "error": first_line(e, typed=True)})
         raise
 
 
@@ -157,13 +154,13 @@ def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, 
         elif state.get("started_from") != str(source):  # the dir's own last.pt, of a run that began elsewhere
             raise ConfigError(f"resume={cfg.resume}: {rundir.path} already holds a run that did not start from that "
                               "checkpoint; resume=auto continues it, or give a new hydra.run.dir")
-    diff = config_diff(state["config"], config)
-    newer = [k for k in diff if not has_key(state["config"], k)]  # options added to fgvr since the run began
+    trained = upgrade(state["config"])  # an older fgvr's keys (optim.name, logger.name, data.format) as today's
+    diff = config_diff(trained, config)
+    newer = [k for k in diff if not has_key(trained, k)]  # options added to fgvr since the run began
     if newer:
         log.warning("%s predates the options %s: the run goes on with their values now", ckpt_path,
                     ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in newer))
-    changed = [k for k in diff if k not in newer
-               and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    changed = [k for k in diff if k not in newer and not resumable(k)]
     if changed:
         raise ConfigError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); resume with "
                           "the same config, or start a new run with another hydra.run.dir")
@@ -224,7 +221,7 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
             tracker.event("interrupted", step=e.step, signal=results["signal"])
             tracker.preempting()
         except BaseException as e:
-            results |= {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            results |= {"status": "failed", "error": first_line(e, typed=True)}
             raise
         finally:
             if evaluating:
@@ -429,7 +426,7 @@ def _diagnose(name: str, measure) -> dict:
     try:
         return {name: measure(), f"{name}_error": None}
     except Exception as e:
-        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        message = first_line(e, typed=True)
         log.error("%s failed after the test evaluation (the run's results stand): %s", name, message)
         return {name: None, f"{name}_error": message}
 

@@ -128,8 +128,8 @@ class Tokens(NamedTuple):
 
 
 class Backbone(nn.Module):
-    """A timm model -> `Tokens` (forward_tokens) or just the pooled feature (forward): the CLS
-    token (or timm's pooling) for ViTs, global average pooling for CNNs."""
+    """A timm model -> `Tokens` (forward_tokens), whose pooled feature is the CLS token (or timm's
+    pooling) for ViTs, global average pooling for CNNs. Made from the backbone config (`_target_`)."""
 
     def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0, kwargs: dict | None = None,
@@ -153,9 +153,6 @@ class Backbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         fn = getattr(self.model, "no_weight_decay", None)
         return {f"model.{n}" for n in fn()} if fn else set()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def forward_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None = None) -> Tokens:
         """One pass; `cls_token` (1,1,D) replaces the model's CLS token in the input sequence

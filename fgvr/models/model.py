@@ -10,12 +10,9 @@ feature (or given to the head as one more feature)."""
 
 from __future__ import annotations
 
-import inspect
-import re
-
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig
 from torch import nn
 
@@ -23,6 +20,7 @@ from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import crop, crop_antialias, loader_scale, source_scale_of
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
+from fgvr.runtime.config import instantiate, target_arguments
 from fgvr.runtime.errors import ConfigError
 
 
@@ -150,64 +148,42 @@ class FGVRModel(nn.Module):
 
 
 def build_selector(cfg: DictConfig) -> Selector | None:
-    return _instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
+    return instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
 
 
 def source_scale(cfg: DictConfig) -> float:
     """How much larger than data.img_size the loaders must deliver images: the larger of what the
     selector and the texture branch ask for (their crop_source and source_scale)."""
-    crop_scale, texture_scale = (source_scale_of(node.get("crop_source", "input"), node.get("source_scale", 2.0))
+    crop_scale, texture_scale = (source_scale_of(*settings(node, "crop_source", "source_scale"))
                                  if node.get("_target_") else 1.0 for node in (cfg.selector, cfg.texture))
     return loader_scale(crop_scale, texture_scale)
 
 
-def _instantiate(group: str, node: DictConfig, **kwargs) -> nn.Module:
-    """hydra.utils.instantiate with one-line errors: a key the class does not take names the ones it does."""
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as e:
-        cause = e.__cause__ or e
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        match = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-        if match:
-            raise ConfigError(f"{group}.{match.group(1)}: no such option; {group} takes "
-                              f"{', '.join(_init_args(get_class(node._target_), kwargs))}") from None
-        raise ConfigError(f"{group}: {cause}".splitlines()[0]) from None
-
-
-def _init_args(cls: type, given: dict) -> list[str]:
-    """The constructor arguments of cls and of the base classes its **kwargs go to, less `given`."""
-    names = []
-    for klass in cls.__mro__:
-        if klass is nn.Module or "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names += [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return [n for n in dict.fromkeys(names) if n not in given]
+def settings(node: DictConfig, *keys: str) -> tuple:
+    """A selector's or texture branch's settings: its node's values, else its class's defaults."""
+    defaults = target_arguments(get_object(node._target_))
+    return tuple(node[k] if k in node else defaults[k] for k in keys)
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     """Build the model a composed train config describes."""
     selector = build_selector(cfg)
-    b = cfg.backbone
-    kwargs = dict(b.kwargs)
-    if selector is not None and selector.crop_size not in (None, cfg.data.img_size):
-        kwargs.setdefault("dynamic_img_size", True)  # ViTs: the crop pass runs at another size
-    backbone = Backbone(b.name, b.pretrained, b.checkpoint, cfg.data.img_size, b.drop_path_rate, kwargs,
-                        grad_checkpointing=cfg.trainer.get("grad_checkpointing", False))
+    extra = {}
+    if selector is not None and selector.crop_size not in (None, cfg.data.img_size) \
+            and "dynamic_img_size" not in cfg.backbone.kwargs:  # ViTs: the crop pass runs at another size
+        extra["kwargs"] = {**cfg.backbone.kwargs, "dynamic_img_size": True}
+    backbone: Backbone = instantiate("backbone", cfg.backbone, img_size=cfg.data.img_size,
+                                     grad_checkpointing=cfg.trainer.grad_checkpointing, **extra)
     if selector is not None and selector.needs_transformer and not backbone.is_transformer:
         raise ConfigError(f"selector={selector.name}: needs a ViT backbone (attention maps); "
-                          f"{b.name} is a CNN")
+                          f"{cfg.backbone.name} is a CNN")
     texture = None
     if cfg.texture.get("_target_"):
-        texture = _instantiate("texture", cfg.texture, in_features=backbone.num_features)
+        texture = instantiate("texture", cfg.texture, in_features=backbone.num_features)
         if texture.regions_from == "glsim" and selector is None:
             raise ConfigError("texture.regions=glsim takes the selector's box, but selector=none; "
                               "add selector=glsim or use texture.regions=proposals")
     num_inputs = 1 + (selector is not None) + (texture is not None and texture.fusion == "token")
-    head = _instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
-                        num_inputs=num_inputs)
+    head = instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
+                       num_inputs=num_inputs)
     return FGVRModel(backbone, head, selector, cfg.data.img_size, texture)

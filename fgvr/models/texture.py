@@ -231,7 +231,6 @@ class TextureEncoder(nn.Module):
 class Regions(NamedTuple):
     boxes: torch.Tensor  # (B, K, 4) x1 y1 x2 y2 in input pixels
     weights: torch.Tensor  # (B, K) each region's weight in the sum (0: below the threshold)
-    scores: torch.Tensor | None  # (B, P) every proposal's gate score (None for the GLSim box)
 
 
 def proposal_boxes(scales: list[float], ratios: list[float], step: float) -> torch.Tensor:
@@ -292,10 +291,14 @@ class RegionGate(nn.Module):
         overlap = (oy[:, :, None] * ox[:, None, :]).flatten(1)
         return overlap / overlap.sum(-1, keepdim=True).clamp(min=1e-6)
 
-    def forward(self, tokens: Tokens, image_hw: tuple[int, int]) -> Regions:
+    def proposal_scores(self, tokens: Tokens, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, P): every proposal's score in (0, 1)."""
         pooled = torch.einsum("ph,bhd->bpd", self.pool_weights(tokens, image_hw).to(tokens.patches.dtype),
                               tokens.patches)
-        scores = torch.sigmoid(self.score(pooled).squeeze(-1).float())  # (B, P)
+        return torch.sigmoid(self.score(pooled).squeeze(-1).float())
+
+    def forward(self, tokens: Tokens, image_hw: tuple[int, int]) -> Regions:
+        scores = self.proposal_scores(tokens, image_hw)
         idx = self._nms_topk(scores.detach())
         s = scores.gather(1, idx)
         keep = s.detach() >= self.threshold
@@ -303,7 +306,7 @@ class RegionGate(nn.Module):
         weights = s if self.gate == "soft" else 1 + s - s.detach()
         H, W = image_hw
         boxes = self.proposals[idx] * self.proposals.new_tensor([W, H, W, H])
-        return Regions(boxes, weights * keep, scores)
+        return Regions(boxes, weights * keep)
 
     def _nms_topk(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, K) indices of the K best proposals, greedily skipping any that overlap an already
@@ -318,9 +321,10 @@ class RegionGate(nn.Module):
 
 
 class GaborTexture(nn.Module):
-    """The texture branch as the model uses it: `regions()` chooses the regions (the gate over
-    proposals, or the GLSim box), `forward()` crops them from the image, encodes each and sums
-    them per image, weighted -> (B, in_features), to be fused as `fusion` says.
+    """The texture branch as the model uses it (FGVRModel.texture_pass): `regions()` chooses the
+    regions (the gate over proposals, or the GLSim box), `crops()` cuts them from the image and
+    `encode()` encodes each and sums them per image, weighted -> (B, in_features), to be fused as
+    `fusion` says.
 
     crop_source: `input` cuts the regions from the network input; `original` from a
     `source_scale` times larger copy of the same view (the loader-side copy a selector with
@@ -358,7 +362,7 @@ class GaborTexture(nn.Module):
     def regions(self, tokens: Tokens, image_hw: tuple[int, int], glsim_boxes: torch.Tensor | None) -> Regions:
         if self.gate is not None:
             return self.gate(tokens, image_hw)
-        return Regions(glsim_boxes[:, None], glsim_boxes.new_ones(len(glsim_boxes), 1), None)
+        return Regions(glsim_boxes[:, None], glsim_boxes.new_ones(len(glsim_boxes), 1))
 
     def crops(self, pixels: torch.Tensor, boxes: torch.Tensor, antialias: int = 1) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] and (B, K, 4) boxes in their coordinates -> (B, K, C, S, S)
@@ -371,6 +375,3 @@ class GaborTexture(nn.Module):
         """(B, K, C, S, S) region crops and their (B, K) weights -> the weighted sum (B, D)."""
         feats = self.encoder(crops.flatten(0, 1)).unflatten(0, crops.shape[:2])  # (B, K, D)
         return (weights[..., None].to(feats.dtype) * feats).sum(1)
-
-    def forward(self, pixels: torch.Tensor, boxes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.crops(pixels, boxes), weights)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgvr.runtime.errors import FgvrError, first_few
+from fgvr.runtime.errors import FgvrError, first_few, first_line
 from fgvr.runtime.files import atomic_write, load_weights_only, unsafe_global, write_bytes_atomic
 
 # What a checkpoint of fgvr train holds besides the weights; a file without these is not one.
@@ -71,7 +71,7 @@ def load(path: str | Path) -> dict:
                         f"({found}), which could run code; fgvr reads only checkpoints written by fgvr "
                         "train") from None
     except Exception as e:
-        raise FgvrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise FgvrError(f"{path}: not a readable checkpoint ({first_line(e, typed=True)})") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         keys = (f"{len(state)} entries: {', '.join(list(state)[:3])}, ..." if isinstance(state, dict)

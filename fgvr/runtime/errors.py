@@ -6,6 +6,19 @@ def first_few(items: list, shown: int = 3) -> str:
     return ", ".join(map(str, items[:shown])) + (f" (+{len(items) - shown} more)" if len(items) > shown else "")
 
 
+def first_line(error: BaseException | str, typed: bool = False) -> str:
+    """An error's message in one line: its first non-blank line, or its class's name if it has no
+    message; `typed` puts the class's name first ('ValueError: bad value'). A string stands for itself."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if isinstance(error, str):
+        return text
+    name = type(error).__name__
+    if typed:
+        return f"{name}: {text}" if text else name
+    return text or name
+
+
 class FgvrError(Exception):
     """A problem with the user's input (config, files, data). Exit code 1."""
 

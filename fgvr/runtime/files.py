@@ -1,5 +1,5 @@
 """Writes that matter: to a temporary name in the same folder, then renamed into place, so a
-reader never sees half a file and a failed write leaves nothing behind but the old file."""
+reader never sees half a file (or folder) and a failed write leaves nothing behind but the old one."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import errno
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from fgvr.runtime.errors import FgvrError
 
@@ -37,6 +39,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], size_hint:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh folder next to `path` to fill; renamed to `path` when the block ends without an error,
+    removed otherwise. Where another process put `path` there first (it built the same thing), its
+    folder stays and this one is dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        tmp = holder / path.name  # made by mkdir, so with the usual permissions (mkdtemp's are 0700)
+        tmp.mkdir()
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

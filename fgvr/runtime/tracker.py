@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fgvr.runtime.config import instantiate
 from fgvr.runtime.errors import FgvrError
 from fgvr.runtime.files import write_error, write_text_atomic
 from fgvr.runtime.rundir import RunDir
@@ -107,20 +108,31 @@ def wandb_mode(requested: str | None) -> str:
 INIT_TIMEOUT = 20.0
 
 
-def init_wandb(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
-    """wandb.init for a run dir: its W&B files inside it, the run `run_id` continued if given (else a
-    new run), the mode chosen by wandb_mode, W&B's own console output off. A W&B server that cannot be
-    reached (or refuses the key) within INIT_TIMEOUT s costs one warning: the run logs offline."""
+def start_logger(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
+    """The logger a run dir is mirrored to, logger._target_ called with the run dir, the run id to
+    continue (None: a new run) and `kwargs` (name, group, config, ...); None for logger=none."""
+    if not logger_cfg.get("_target_"):
+        return None
+    return instantiate("logger", logger_cfg, _partial_=True, supplied=("run_dir", "run_id", *kwargs))(
+        run_dir, run_id, **kwargs)
+
+
+def init_wandb(run_dir: Path, run_id: str | None, *, project: str, entity: str | None, tags: list[str],
+               mode: str | None, **kwargs: Any):
+    """wandb.init for a run dir (logger=wandb): its W&B files inside it, the run `run_id` continued if
+    given (else a new run), the mode chosen by wandb_mode, W&B's own console output off. A W&B server
+    that cannot be reached (or refuses the key) within INIT_TIMEOUT s costs one warning: the run logs
+    offline."""
     from urllib.parse import urlparse
 
     import wandb
 
     def init(mode: str, **settings: Any):
-        return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), id=run_id,
+        return wandb.init(project=project, entity=entity, tags=tags, dir=str(run_dir), id=run_id,
                           resume="allow" if run_id else None, mode=mode,
                           settings=wandb.Settings(console="off", silent=True, **settings), **kwargs)
 
-    mode = wandb_mode(logger_cfg.mode)
+    mode = wandb_mode(mode)
     if mode != "online":
         return init(mode)
     try:
@@ -143,7 +155,7 @@ def init_wandb(logger_cfg, run_dir: Path, run_id: str | None, **kwargs: Any):
 
 
 class RunLogger:
-    """Appends events to metrics.jsonl and mirrors them to W&B when logger=wandb.
+    """Appends events to metrics.jsonl and mirrors them to the logger the config names (logger=wandb: W&B).
 
     `enabled=False` (ranks other than 0 of a multi-process run) writes nothing."""
 
@@ -159,9 +171,7 @@ class RunLogger:
             kept = [e for e in read_events(path) if e["step"] <= resume_step and e.get("split") != "test"]
             write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
         self.metrics = open(path, "a", buffering=1)
-        if logger_cfg.name == "wandb":
-            self.wandb = init_wandb(logger_cfg, run.dir, wandb_id, name=run.name, group=run.group,
-                                    tags=list(logger_cfg.tags), config=config)
+        self.wandb = start_logger(logger_cfg, run.dir, wandb_id, name=run.name, group=run.group, config=config)
 
     @property
     def wandb_id(self) -> str | None:

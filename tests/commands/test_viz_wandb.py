@@ -28,8 +28,8 @@ def inits(monkeypatch) -> list[dict]:
 
 def loaded_run(run_dir, group: str | None = None):
     """What load_run gives for a run dir of `fgvr train ... logger=wandb` whose W&B run is orig1234."""
-    cfg = OmegaConf.create({"name": "cub", "logger": {"name": "wandb", "project": "fgvr", "entity": None,
-                                                      "mode": None, "tags": ["paper"]}})
+    cfg = OmegaConf.create({"name": "cub", "logger": {"_target_": "fgvr.runtime.tracker.init_wandb", "project": "fgvr",
+                                                      "entity": None, "mode": None, "tags": ["paper"]}})
     state = {"wandb_id": "orig1234", "run_name": "cub selector=glsim seed=1", "run_group": group}
     return SimpleNamespace(path=run_dir / "checkpoints" / "last.pt", state=state, cfg=cfg)
 

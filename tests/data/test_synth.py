@@ -66,6 +66,30 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
+def test_a_failed_generation_leaves_nothing_and_a_finished_one_the_usual_permissions(tmp_path, monkeypatch):
+    import os
+
+    import fgvr.data.synth as synth
+
+    cfg = SynthConfig(num_classes=2, train_per_class=2, test_per_class=1)
+    drawn, render = [], synth.render
+
+    def failing(rng, label, cfg):  # the second image fails, with the first already written
+        if drawn:
+            raise OSError("the disk went away")
+        drawn.append(label)
+        return render(rng, label, cfg)
+
+    monkeypatch.setattr(synth, "render", failing)
+    with pytest.raises(OSError, match="went away"):
+        generate(tmp_path / "s", cfg)
+    assert list(tmp_path.iterdir()) == []  # neither the set nor its temporary folder
+    monkeypatch.undo()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (generate(tmp_path / "s", cfg).stat().st_mode & 0o777) == 0o777 & ~umask  # readable by others as usual
+
+
 PARTS = dict(kind="parts", num_classes=8, groups=2, train_per_class=12, test_per_class=4, image_size=128)
 
 

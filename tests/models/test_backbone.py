@@ -13,9 +13,10 @@ MICRO = dict(depth=2, embed_dim=48, num_heads=3, patch_size=8)
 
 def test_vit_and_cnn_pooled_features():
     vit = Backbone("vit_tiny_patch16_224", img_size=32, kwargs=MICRO)
-    assert vit.is_transformer and vit(torch.randn(2, 3, 32, 32)).shape == (2, 48)
+    assert vit.is_transformer and vit.forward_tokens(torch.randn(2, 3, 32, 32)).pooled.shape == (2, 48)
     cnn = Backbone("test_resnet", img_size=32)
-    assert not cnn.is_transformer and cnn(torch.randn(2, 3, 32, 32)).shape == (2, cnn.num_features)
+    assert not cnn.is_transformer
+    assert cnn.forward_tokens(torch.randn(2, 3, 32, 32)).pooled.shape == (2, cnn.num_features)
 
 
 def test_model_takes_uint8_and_normalises_on_device():
@@ -32,7 +33,7 @@ def test_local_checkpoint_loads_and_resamples_position_embeddings(tmp_path):
     loaded = Backbone("vit_tiny_patch16_224", checkpoint=str(path), img_size=64, kwargs=MICRO)
     assert loaded.model.pos_embed.shape == (1, 1 + 64, 48)  # 8x8 patches + CLS, from 4x4
     assert torch.equal(loaded.model.blocks[1].mlp.fc2.weight, source.model.blocks[1].mlp.fc2.weight)
-    assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 48)
+    assert loaded.forward_tokens(torch.randn(1, 3, 64, 64)).pooled.shape == (1, 48)
 
 
 def test_backbone_errors_are_one_line():

@@ -160,14 +160,15 @@ def test_gate_keeps_distinct_top_regions_and_stays_trainable(gate):
     values[0, :2, :2] = 5  # a hot top-left corner
     values[1, 2:, 2:] = 5
     regions = g(tokens_with(values), (64, 64))
-    assert regions.boxes.shape == (2, 3, 4) and regions.weights.shape == (2, 3) and regions.scores.shape == (2, 9)
+    scores = g.proposal_scores(tokens_with(values), (64, 64))
+    assert regions.boxes.shape == (2, 3, 4) and regions.weights.shape == (2, 3) and scores.shape == (2, 9)
     for b in range(2):
         chosen = regions.boxes[b]
         ious = [float(box_iou(chosen[i:i + 1], chosen[j:j + 1])) for i in range(3) for j in range(i)]
         assert max(ious) <= 0.3  # NMS: no two chosen regions overlap more than nms_iou
-        ranked = regions.scores[b].argsort(descending=True)
+        ranked = scores[b].argsort(descending=True)
         assert torch.allclose(chosen[0], g.proposals[ranked[0]] * 64)  # the best comes first
-    below = regions.scores.gather(1, g._nms_topk(regions.scores.detach())) < 0.5
+    below = scores.gather(1, g._nms_topk(scores.detach())) < 0.5
     below[:, 0] = False
     assert (regions.weights[below] == 0).all() and (regions.weights[:, 0] > 0).all()
     regions.weights.sum().backward()
@@ -196,9 +197,14 @@ def test_branch_sums_weighted_region_features_and_checks_its_options():
     torch.manual_seed(0)
     branch = GaborTexture(24, region_size=16, num_filters=4, kernel_size=7, top_k=2).eval()
     pixels, boxes = torch.rand(2, 3, 32, 32), torch.tensor([[[0, 0, 16, 16], [8, 8, 32, 32]]] * 2).float()
-    each = branch(pixels, boxes, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    both = branch(pixels, boxes, torch.ones(2, 2))
-    assert torch.allclose(both, each + branch(pixels, boxes, torch.tensor([[0.0, 1.0], [1.0, 0.0]])), atol=1e-5)
+    crops = branch.crops(pixels, boxes)
+    assert crops.shape == (2, 2, 1, 16, 16)  # channels=gray
+    each = branch.encode(crops, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    both = branch.encode(crops, torch.ones(2, 2))
+    assert torch.allclose(both, each + branch.encode(crops, torch.tensor([[0.0, 1.0], [1.0, 0.0]])), atol=1e-5)
+    glsim = GaborTexture(24, regions="glsim", region_size=16, num_filters=4, kernel_size=7)
+    regions = glsim.regions(None, (32, 32), boxes[:, 1])  # the selector's one box per image, weight 1
+    assert torch.equal(regions.boxes, boxes[:, 1:]) and torch.equal(regions.weights, torch.ones(2, 1))
     assert {"encoder.bank.theta", "encoder.hist.gaps"} <= branch.no_weight_decay()
     for bad, message in [(dict(channels="hsv"), "texture.channels=hsv"), (dict(regions="all"), "texture.regions"),
                          (dict(num_filters=5), "texture.num_filters=5"), (dict(kernel_size=8), "kernel_size=8"),

@@ -12,7 +12,7 @@ import wandb
 from omegaconf import OmegaConf
 
 import fgvr.runtime.tracker as run_module
-from fgvr.runtime.tracker import RunInfo, RunLogger, init_wandb
+from fgvr.runtime.tracker import RunInfo, RunLogger, start_logger
 
 
 @pytest.fixture
@@ -32,13 +32,14 @@ def unreachable(monkeypatch):
 
 
 def logger_cfg(mode: str | None = "online"):
-    return OmegaConf.create({"name": "wandb", "project": "fgvr", "entity": None, "mode": mode, "tags": []})
+    return OmegaConf.create({"_target_": "fgvr.runtime.tracker.init_wandb", "project": "fgvr", "entity": None,
+                             "mode": mode, "tags": []})
 
 
 def check_offline_fallback(tmp_path, caplog, port: int, limit: float) -> None:
     caplog.set_level(logging.WARNING, logger="fgvr.runtime.tracker")
     start = time.monotonic()
-    run = init_wandb(logger_cfg(), tmp_path, "abcd1234", name="x")
+    run = start_logger(logger_cfg(), tmp_path, "abcd1234", name="x")
     took = time.monotonic() - start
     try:
         assert run.offline and run.settings.mode == "offline" and run.id == "abcd1234"  # the id it was asked for

@@ -76,38 +76,38 @@ def write_cub(root: Path, num_classes: int = 3, per_class: int = 6, size: int = 
     """A miniature CUB-200-2011 folder: the official files, 1-based ids, boxes, and the image
     modes real CUB has (a few grayscale JPEGs). Each class has its own colour, so it is learnable."""
     import numpy as np
-    from PIL import Image
+
+    from fgvr.data.synth import write_cub as write_layout
 
     rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    lines = {k: [] for k in ("images", "labels", "split", "boxes")}
-    classes = []
-    image_id = 0
-    for c in range(1, num_classes + 1):
-        cdir = f"{c:03d}.Bird_{c}"
-        classes.append(f"{c} {cdir}")
-        (root / "images" / cdir).mkdir()
-        for j in range(per_class):
-            image_id += 1
-            pixels = rng.integers(0, 60, (size, size + 8, 3), dtype=np.uint8)
-            pixels[8:32, 8:32, c % 3] = 230
-            image = Image.fromarray(pixels)
-            if image_id % 5 == 0:
-                image = image.convert("L")
-            rel = f"{cdir}/Bird_{c}_{j:04d}.jpg"
-            image.save(root / "images" / rel, quality=90)
-            lines["images"].append(f"{image_id} {rel}")
-            lines["labels"].append(f"{image_id} {c}")
-            lines["split"].append(f"{image_id} {int(j % 3 != 0)}")
-            lines["boxes"].append(f"{image_id} 8.0 8.0 24.0 24.0")
-    names = {"images": "images.txt", "labels": "image_class_labels.txt", "split": "train_test_split.txt",
-             "boxes": "bounding_boxes.txt"}
-    for key, name in names.items():
-        (root / name).write_text("\n".join(lines[key]) + "\n")
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    return root
+
+    def images():
+        for c in range(1, num_classes + 1):
+            for j in range(per_class):
+                pixels = rng.integers(0, 60, (size, size + 8, 3), dtype=np.uint8)
+                pixels[8:32, 8:32, c % 3] = 230
+                if ((c - 1) * per_class + j + 1) % 5 == 0:  # every fifth image grey
+                    pixels = (pixels @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
+                yield c - 1, f"Bird_{c}_{j:04d}.jpg", pixels, j % 3 != 0, (8.0, 8.0, 24.0, 24.0)
+
+    return write_layout(root, [f"{c:03d}.Bird_{c}" for c in range(1, num_classes + 1)], images(), quality=90)
 
 
 @pytest.fixture
 def cub_root(tmp_path) -> Path:
     return write_cub(tmp_path / "CUB_200_2011")
+
+
+@pytest.fixture
+def stray_signals():
+    """For a test that signals its own process: a SIGUSR2 or SIGTERM that lands while no run's
+    handler is installed is recorded here (the test asserts there was none) instead of ending the
+    whole pytest run, as their default action would."""
+    import signal
+
+    stray: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: stray.append(signum))
+                for s in (signal.SIGUSR2, signal.SIGTERM)}
+    yield stray
+    for s, handler in previous.items():
+        signal.signal(s, handler)

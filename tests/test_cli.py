@@ -51,7 +51,9 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     ("trainer.epochs=abc", "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
     ("data.batch_size=1.5", "data.batch_size: Value '1.5' of type 'float' could not be converted to Integer"),
     ("trainer.precision=fp8", "trainer.precision=fp8: choose one of auto, fp32, bf16, fp16"),
-    ("optim.name=lion", "optim.name=lion: choose one of sgd, adamw"),
+    ("data.format=inat", "data.format=inat: choose one of cub, nabirds, cars, aircraft, dogs, flowers, pets, inat2017, "
+                         "folder, csv, synth"),
+    ("optim.nesterov=true", "optim.nesterov: no such config key; valid keys under optim: _target_, betas, lr,"),
     ("seed=[1", "overrides look like key=value"),
     ("data=cub", "data.root is not set; pass data.root=/path/to/cub"),
     ("head.bogus=3", "head.bogus: no such config key"),
@@ -105,7 +107,8 @@ def test_every_experiment_composes(compose, experiment):
 def test_cub_experiment_is_the_reference_recipe(compose):
     cfg = compose("+experiment=cub")
     assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.drop_path_rate == 0.1
-    assert (cfg.optim.name.value, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 0.0)
+    assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("torch.optim.SGD", 0.01,
+                                                                                              0.9, 0.0)
     assert (cfg.optim.warmup_steps, cfg.optim.warmup_lr, cfg.optim.min_lr) == (500, 1e-6, 1e-5)
     assert (cfg.data.img_size, cfg.data.batch_size, cfg.trainer.epochs) == (224, 8, 50)
     assert (cfg.trainer.grad_clip, cfg.trainer.label_smoothing) == (1.0, 0.1)
@@ -155,7 +158,10 @@ def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root):
     for job, experiment in enumerate(EXPERIMENTS):
         run = sweep / str(job)
         assert f"+experiment={experiment}" in (run / ".hydra" / "overrides.yaml").read_text()
-        status[experiment] = json.loads((run / "results.json").read_text())["status"]
+        results = json.loads((run / "results.json").read_text())
+        status[experiment] = results["status"]
+        if results["status"] == "finished":  # one step trained, and the whole test split (6 images) evaluated
+            assert (results["steps"], results["test_images"], results["dataset"]) == (1, 6, "cub"), experiment
     assert proc.returncode == 0 and set(status.values()) == {"finished"}, (status, proc.stderr[-3000:])
 
 

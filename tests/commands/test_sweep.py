@@ -57,4 +57,5 @@ def test_two_local_submitit_tasks_are_one_ddp_run(tmp_path):
                "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2
+    assert results["steps"] == 2 and results["test_images"] == 32  # 32 images a step; each test image once
     assert "1 runs, 1 finished" in out.stdout + out.stderr

@@ -236,3 +236,4 @@ def test_training_runs_on_every_miniature(tmp_path, train_run, name):
     results, run_dir = train_run(f"data={name}", f"data.root={root}", "data.batch_size=4", "data.val_fraction=0",
                                  "trainer.epochs=1", run_dir=tmp_path / "run")
     assert results["status"] == "finished" and results["num_classes"] == len(expected.classes)
+    assert results["steps"] == expected.train // 4 and results["test_images"] == expected.test  # every split read

@@ -98,22 +98,32 @@ def test_two_processes_train_like_one_with_their_combined_batch(train_run, tmp_p
 
 
 @pytest.mark.slow
-def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path):
+def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path, stray_signals):
     """SIGUSR2 to the launching process reaches both workers; they stop at the same step, rank 0
     saves, and the resumed run ends where an uninterrupted 2-process run ends."""
     args = ("trainer.devices=2", "trainer.deterministic=true", "trainer.epochs=4", "trainer.log_every=1",
             "data.synth.train_per_class=80")  # 9 steps an epoch
     whole, _ = train_run(*args, run_dir=tmp_path / "whole")
     run_dir = tmp_path / "cut"
+    sent, done = threading.Event(), threading.Event()
 
-    def signal_at_step_3():
-        while not (run_dir / "metrics.jsonl").exists() or not any(
-                e.get("step", 0) >= 3 for e in read_events(run_dir / "metrics.jsonl")):
+    def signal_at_step_3():  # the workers are other processes: this process learns their step from metrics.jsonl
+        metrics = run_dir / "metrics.jsonl"
+        while not done.is_set():
+            if metrics.exists() and any(e.get("step", 0) >= 3 for e in read_events(metrics)):
+                os.kill(os.getpid(), signal.SIGUSR2)  # one that lands after the run is caught by stray_signals
+                sent.set()
+                return
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGUSR2)
 
-    threading.Thread(target=signal_at_step_3, daemon=True).start()
-    stopped, _ = train_run(*args, run_dir=run_dir)
+    thread = threading.Thread(target=signal_at_step_3, daemon=True)
+    thread.start()
+    try:
+        stopped, _ = train_run(*args, run_dir=run_dir)
+    finally:
+        done.set()
+        thread.join()
+    assert sent.is_set() and stray_signals == []  # it reached the run, not the test's guard
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGUSR2" and stopped["steps"] >= 3
     assert stopped["steps"] < 9 and checkpoint.load(run_dir / "checkpoints" / "last.pt")["position"] == 32 * stopped[
         "steps"]  # mid-epoch
@@ -131,9 +141,19 @@ def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path):
     ["trainer.ema_decay=0.9", "trainer.accum_steps=2", "selector=rollout"],
 ], ids=["glsim", "gabor", "cnn", "ema-accum-rollout"])
 def test_every_method_trains_over_two_processes(train_run, method):
-    """DDP needs every parameter to get a gradient and every buffer to be broadcastable."""
-    results, _ = train_run("trainer.devices=2", *method)
+    """DDP needs every parameter to get a gradient and every buffer to be broadcastable (else a
+    rank fails); each step takes both ranks' 16 images, and the test set is evaluated over the
+    two ranks' shards, each image once."""
+    results, run_dir = train_run("trainer.devices=2", *method)
+    accum = 2 if "trainer.accum_steps=2" in method else 1
     assert results["status"] == "finished" and results["world_size"] == 2
+    assert results["steps"] == 2 * (44 // 16 // accum)  # 2 epochs; 88 train images, 44 a rank, 16 a batch
+    assert results["test_images"] == 32 and results["test_loss"] > 0
+    evals = [e["split"] for e in read_events(run_dir / "metrics.jsonl") if e.get("split", "train") != "train"]
+    assert evals == ["val", "val", "test"]  # rank 0 alone writes
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    assert (state["ema"] is not None) == ("trainer.ema_decay=0.9" in method)
 
 
 def test_torchrun_ranks_form_one_run(tmp_path):
@@ -145,4 +165,5 @@ def test_torchrun_ranks_form_one_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2
+    assert results["steps"] == 2 * 2 and results["test_images"] == 32  # 32 images a step; each test image once
     assert (run_dir / "train.log").read_text().count("test acc") == 1  # rank 0 alone logs

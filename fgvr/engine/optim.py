@@ -6,7 +6,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from fgvr.runtime.config import LrScale, instantiate
+from fgvr.runtime.config import LrScale, instantiate, target_arguments
 
 # Keys of the optim config that are not the optimiser class's arguments: fgvr's (lr is scaled first,
 # weight_decay goes to one of two parameter groups) and the schedule's.
@@ -36,11 +36,13 @@ def scaled_lr(cfg, step_batch: int, batch_size: int) -> float:
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float) -> torch.optim.Optimizer:
     """optim._target_ over param_groups at `lr` (scaled_lr's), with the config's other arguments that
-    are set (momentum, betas); fused on CUDA, foreach elsewhere."""
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    are set (momentum, betas); fused on CUDA and foreach elsewhere, where the class has them."""
     arguments = {k: v for k, v in cfg.items() if k not in NOT_ARGUMENTS and v is not None}
     make = instantiate("optim", arguments, _partial_=True,
                        supplied=("params", "lr", "weight_decay", "fused", "foreach"))
+    takes = target_arguments(make.func)
+    fast = next(({k: True} for k in (("fused", "foreach") if device.type == "cuda" else ("foreach",)) if k in takes),
+                {})
     return make(param_groups(model, cfg.weight_decay), lr=lr, **fast)
 
 

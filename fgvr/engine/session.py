@@ -5,6 +5,7 @@ wrapped model, optimiser, scaler, EMA, autocast) and the training step that `fgv
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import statistics
 import time
@@ -46,6 +47,14 @@ class Session:
         seed_everything(cfg.seed, t.deterministic)
         self.loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
                                      scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size)
+        try:
+            self._build(cfg, device, dist)
+        except BaseException:
+            self.loaders.close()
+            raise
+
+    def _build(self, cfg: DictConfig, device: torch.device, dist: Dist) -> None:
+        t = cfg.trainer
         self.num_classes = len(self.loaders.classes)
         model = build_model(cfg, self.num_classes).to(device)
         require_boxes(model, self.loaders, cfg.data.name)
@@ -102,11 +111,10 @@ class Session:
 
     def epoch(self, epoch: int, position: int = 0) -> Iterator[list[Batch]]:
         """The optimiser steps of `epoch` left after its first `position` samples (over all ranks),
-        each as its accum_steps micro-batches."""
+        each as its accum_steps micro-batches; fewer if the shard ends first (a run resumed with
+        more processes than it began with). The loader's workers start here, not in the first step."""
         self.loaders.train.sampler.set_epoch(epoch, position)
-        batches = iter(self.loaders.train)
-        for _ in range(self.steps_per_epoch - position // self.step_batch):
-            yield [next(batches) for _ in range(self.accum_steps)]
+        return _steps(iter(self.loaders.train), self.steps_per_epoch - position // self.step_batch, self.accum_steps)
 
     def step(self, batches: list[Batch], timer: StepTimer | None = None) -> torch.Tensor:
         """One optimiser step over `batches` (micro-batches whose gradients add up; under DDP they
@@ -144,6 +152,14 @@ class Session:
     def evaluate(self, loader, limit: int | None = None) -> dict[str, float]:
         """engine/evaluate.py's evaluation of the weights the run reports (the EMA ones with ema_decay)."""
         return evaluate(self.eval_model, loader, self.device, self.amp, limit, self.channels_last, self.dist)
+
+
+def _steps(batches: Iterator[Batch], steps: int, accum_steps: int) -> Iterator[list[Batch]]:
+    for _ in range(steps):
+        group = list(itertools.islice(batches, accum_steps))
+        if len(group) < accum_steps:
+            return
+        yield group
 
 
 class StepTimer:

@@ -215,7 +215,7 @@ class OptimConfig:
 class TrainerConfig:
     epochs: int = bounded(12, 1, resumable=True)  # a resumed run may go on for more
     device: str = setting("auto", neutral=True)  # auto | cpu | cuda | cuda:N
-    # > 1: one DDP run over this many processes (GPUs) fgvr starts on this machine (engine/distributed.py);
+    # > 1: one DDP run over this many processes (GPUs) fgvr starts on this machine (runtime/distributed.py);
     # a resumed run may go on with another number, though the step batch (and so the result) changes.
     devices: int = bounded(1, 1, resumable=True)
     precision: Precision = Precision.auto

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fgvr.runtime.config import instantiate
-from fgvr.runtime.errors import FgvrError
+from fgvr.runtime.errors import FgvrError, first_line
 from fgvr.runtime.files import write_error, write_text_atomic
 from fgvr.runtime.rundir import RunDir
 
@@ -144,7 +144,7 @@ def init_wandb(run_dir: Path, run_id: str | None, *, project: str, entity: str |
     # the offline run starts a new one.
     wandb.teardown()
     run = init("offline")
-    text = (str(error) or type(error).__name__).strip().splitlines()[0]
+    text = first_line(error)
     reason = text.rsplit(": ", 1)[-1][:100]  # wandb-core's last cause: "connection refused", "no such host", ...
     reason = "timed out" if reason == "context deadline exceeded" else reason  # Go's words for it
     what = (f"{host} refused the API key" if isinstance(error, wandb.errors.AuthenticationError)

@@ -138,3 +138,12 @@ def test_flops_count_fused_attention_on_the_cpu():
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         model(torch.zeros(1, 3, 224, 224))
     assert counter.get_total_flops() / 2e9 == pytest.approx(17.56, abs=0.01)
+
+
+def test_an_epochs_steps_end_where_the_shard_ends():
+    """A run resumed mid-epoch with more processes than it began with plans its steps from the old
+    position; its shard can end first, and the epoch then ends there (a partial step is not taken)."""
+    from fgvr.engine.session import _steps
+
+    assert list(_steps(iter(range(7)), steps=5, accum_steps=2)) == [[0, 1], [2, 3], [4, 5]]
+    assert list(_steps(iter(range(9)), steps=2, accum_steps=2)) == [[0, 1], [2, 3]]

@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 
-from fgvr.runtime.errors import first_line
+from fgvr.runtime.errors import FgvrError, RunInterrupted, first_line
 
 USAGE = """\
 usage: fgvr <command> [hydra overrides] [--help]
@@ -125,18 +125,17 @@ def _hydra_app(command: str):
 
 def _train_task(cfg) -> float | None:
     from fgvr.engine.trainer import train
-    from fgvr.runtime.errors import RunInterrupted
     from fgvr.runtime.tracker import run_info
 
-    run = run_info(cfg.name)
+    run, multirun = run_info(cfg.name), _is_multirun()
     try:
         results = train(cfg, run)
     except Exception as e:
-        if not _is_multirun():
+        if not multirun:
             _exit_on_user_error("train", e)
             raise
         message, _ = user_error(e, "train")  # a sweep goes on with its other runs; results.json says why
-        log.error("run %s failed: %s", run.dir, message or f"{type(e).__name__}: {e}", exc_info=message is None)
+        log.error("run %s failed: %s", run.dir, message or first_line(e, typed=True), exc_info=message is None)
         return None
     if results["status"] == "interrupted":
         log.warning("stopped by %s at step %d; %s/checkpoints/last.pt holds the run: relaunching with this run dir "
@@ -144,11 +143,12 @@ def _train_task(cfg) -> float | None:
         # Hand the signal to whoever listened before training: submitit requeues the job (and exits),
         # a plain process ends. If the listener lets the job go on, the run is still unfinished.
         # Ctrl-C (SIGINT) was the user's: it ends here, in one line.
-        if results["signal"] != "SIGINT":
-            signal.raise_signal(signal.Signals[results["signal"]])
+        signum = signal.Signals[results["signal"]]
+        if signum is not signal.SIGINT:
+            signal.raise_signal(signum)
         error = RunInterrupted(f"{run.dir}: stopped by {results['signal']} at step {results['steps']} before the "
-                               "end; relaunch with this run dir to resume it", signal.Signals[results["signal"]])
-        if not _is_multirun():
+                               "end; relaunch with this run dir to resume it", signum)
+        if not multirun:
             _exit_on_user_error("train", error)  # here, or Hydra adds a line of its own
         raise error
     return results["test_acc"]
@@ -168,11 +168,12 @@ def _viz_task(cfg) -> None:
 
 def _bench_task(cfg) -> None:
     from fgvr.engine.bench import bench
+    from fgvr.runtime.rundir import RunDir
     from fgvr.runtime.tracker import run_info, write_json
 
     def measure(cfg) -> None:  # the numbers go to <run dir>/bench.json (and to bench.out if given)
         run = run_info(cfg.name)
-        write_json(run.dir / "bench.json", bench(cfg, run.choices))
+        write_json(RunDir(run.dir).bench, bench(cfg, run.choices))
 
     _report_user_errors("bench", measure, cfg)
 
@@ -204,8 +205,6 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
     """(one-line message, exit code) for an error the user can fix, or (None, 0) for a bug."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
-
-    from fgvr.runtime.errors import FgvrError
 
     if isinstance(e, FgvrError):
         return str(e), e.exit_code

@@ -5,7 +5,6 @@ the data catalog) keeps a default of its own that could disagree with it."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import shutil
 import typing
@@ -16,18 +15,22 @@ import pytest
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from fgvr.runtime.config import (BenchConfig, DataFormat, EvalConfig, TrainConfig, VizConfig, config_dir,
-                                 register_schemas, target_arguments)
+from fgvr.runtime.config import (
+    BenchConfig,
+    DataFormat,
+    EvalConfig,
+    TrainConfig,
+    VizConfig,
+    _section,
+    config_dir,
+    register_schemas,
+    target_arguments,
+)
 
 SCHEMAS = {"train": TrainConfig, "bench": BenchConfig, "eval": EvalConfig, "viz": VizConfig}  # top-level files
 HYDRA_KEYS = ("defaults", "hydra")  # Hydra's own, not the schema's
 PACKAGE = Path(__file__).resolve().parents[1] / "fgvr"
 ABSENT = object()
-
-
-def section(hint: Any) -> type | None:
-    """The schema of a nested section (an Optional one too), or None for a plain value."""
-    return next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
 
 
 def schema_of(path: Path, root: Path) -> type | None:
@@ -40,7 +43,7 @@ def schema_of(path: Path, root: Path) -> type | None:
     if rel.parts[0] == "experiment":
         assert path.read_text().startswith("# @package _global_"), f"{rel}: experiments are global"
         return TrainConfig
-    return section(typing.get_type_hints(TrainConfig).get(rel.parts[0]))
+    return _section(typing.get_type_hints(TrainConfig).get(rel.parts[0]))
 
 
 def leaves(node: dict, schema: type, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -51,7 +54,7 @@ def leaves(node: dict, schema: type, prefix: str = "") -> Iterator[tuple[str, An
     for key, value in node.items():
         if (not prefix and key in HYDRA_KEYS) or key not in defaults or hints[key] is Any:
             continue
-        inner = section(hints[key])
+        inner = _section(hints[key])
         if inner is not None and isinstance(value, dict):
             yield from leaves(value, inner, f"{prefix}{key}.")
         else:
@@ -139,7 +142,7 @@ def test_schema_defaults_agree_with_the_targets_they_configure():
     from hydra.utils import get_object
 
     checked = 0
-    for schema in filter(None, map(section, typing.get_type_hints(TrainConfig).values())):
+    for schema in filter(None, map(_section, typing.get_type_hints(TrainConfig).values())):
         target = getattr(schema, "_target_", None)
         if target is None or target == MISSING:
             continue
@@ -197,7 +200,7 @@ def schema_defaults() -> dict[str, list[Any]]:
         defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
         for name, hint in typing.get_type_hints(schema).items():
             out.setdefault(name, []).append(defaults[name])
-            schemas += [s for s in [section(hint)] if s is not None]
+            schemas += [s for s in [_section(hint)] if s is not None]
     return out
 
 

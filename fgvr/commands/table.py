@@ -371,7 +371,6 @@ def render(table: Table, fmt: str, digits: int = 2) -> str:
 def main(argv: list[str]) -> None:
     import argparse
 
-
     parser = argparse.ArgumentParser(
         prog="fgvr table", description="A result table (mean ± std over seeds) from run dirs and sweep dirs, "
                                        "or from W&B runs (--source wandb).")

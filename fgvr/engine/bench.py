@@ -88,7 +88,7 @@ def _measure(session: Session, cfg: DictConfig, b: DictConfig, choices: dict[str
     labels = torch.randint(0, session.num_classes, (bs,), device=device)
     truth = torch.full((bs, 4), float("nan"), device=device)  # no boxes: selector=oracle takes whole images
     resident = [Batch(images, labels, truth, 0)] * session.accum_steps
-    eval_images = images[torch.arange(cfg.data.eval_batch_size or 2 * bs, device=device) % bs]  # the loaders' batch
+    eval_images = images[torch.arange(session.loaders.test.batch_size, device=device) % bs]  # the loaders' batch
     out: dict = {
         "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
         "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs,

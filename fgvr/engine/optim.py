@@ -29,7 +29,7 @@ def scaled_lr(cfg, step_batch: int, batch_size: int) -> float:
     """optim.lr for a step of `step_batch` images: as given (optim.lr_scale=none), or scaled
     linearly or by the square root from optim.lr_batch_size, the batch the lr was chosen for
     (default: `batch_size`, i.e. data.batch_size in one process without accumulation)."""
-    rule = LrScale(cfg.lr_scale) if not isinstance(cfg.lr_scale, LrScale) else cfg.lr_scale
+    rule = LrScale(cfg.lr_scale)
     ratio = step_batch / (cfg.lr_batch_size or batch_size)
     return cfg.lr * {LrScale.none: 1.0, LrScale.linear: ratio, LrScale.sqrt: ratio**0.5}[rule]
 

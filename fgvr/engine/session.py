@@ -10,7 +10,6 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -61,6 +60,7 @@ class Session:
         seed_everything(cfg.seed + 1_000_003 * dist.rank, t.deterministic)
         self.channels_last = device.type == "cuda" and not model.backbone.is_transformer
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
 
         batches = len(self.loaders.train)
         if t.limit_train_batches is not None:
@@ -96,9 +96,9 @@ class Session:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.steps}
 
-    def load_state_dict(self, state: dict, path: Path) -> None:
-        """What state_dict saved, read back from the checkpoint at `path` (named in errors)."""
-        checkpoint.load_weights(self.model, state["model"], path, state["config"])
+    def load_state_dict(self, state: dict) -> None:
+        """What state_dict saved, as a checkpoint read back (its path, `loaded_from`, named in errors)."""
+        checkpoint.load_weights(self.model, state["model"], state["loaded_from"], state["config"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

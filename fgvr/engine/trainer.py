@@ -35,7 +35,7 @@ from fgvr.engine.session import Session
 from fgvr.runtime import checkpoint, distributed
 from fgvr.runtime.config import TrainConfig, check_values, resumable, upgrade
 from fgvr.runtime.device import peak_mem_mb, resolve_device, to_device
-from fgvr.runtime.distributed import AnyRank, Dist
+from fgvr.runtime.distributed import AnyRank
 from fgvr.runtime.errors import ConfigError, FgvrError, first_line
 from fgvr.runtime.preemption import Interrupted, StopOnSignal
 from fgvr.runtime.rundir import RunDir, checkpoint_in
@@ -111,7 +111,10 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
                 cfg = cfg.copy()
                 OmegaConf.resolve(cfg)  # the workers have no Hydra context to resolve it in
                 distributed.launch_local(_train, (cfg, run), cfg.trainer.devices, _logging_config())
-                return json.loads(rundir.results.read_text())
+                results = rundir.read_results()
+                if results is None:
+                    raise FgvrError(f"{rundir.results}: the run's processes ended without writing it")
+                return results
             return _train(cfg, run)
     except (FgvrError, KeyboardInterrupt) as e:
         if main and rundir.path.is_dir() and not any(rundir.path.iterdir()):  # refused before it wrote anything
@@ -129,9 +132,10 @@ def _logging_config() -> dict | None:
     return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
 
 
-def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, dict | None]:
-    """(the checkpoint to resume from, results.json of a finished run to keep) for a launch into
-    `rundir`, or a ConfigError saying why this launch may not write there. Writes nothing."""
+def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, dict | None, bool]:
+    """(the checkpoint to resume from, the dir's results.json, whether it is a finished run to keep as
+    it is) for a launch into `rundir`, or a ConfigError saying why this launch may not write there.
+    Writes nothing."""
     t = cfg.trainer
     ckpt_path = find_checkpoint(cfg.resume, rundir.path)
     previous = rundir.read_results()
@@ -140,7 +144,7 @@ def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, 
         if finished:
             raise ConfigError(f"{rundir.path} holds a finished run (results.json) but not its checkpoints/last.pt; "
                               "give this run another hydra.run.dir")
-        return None, None
+        return None, previous, False
     state = checkpoint.load(ckpt_path)
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
@@ -171,9 +175,7 @@ def _admit(cfg: DictConfig, config: dict, rundir: RunDir) -> tuple[dict | None, 
     if cfg.resume == "evaluate" and not finished:
         raise ConfigError(f"resume=evaluate: {rundir.path} holds no finished run (epoch {state['epoch']} of "
                           f"{t.epochs}); resume=auto goes on training it")
-    if finished and cfg.resume != "evaluate":
-        return state, previous
-    return state, None
+    return state, previous, finished and cfg.resume != "evaluate"
 
 
 def _train(cfg: DictConfig, run: RunInfo) -> dict:
@@ -183,11 +185,11 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     t = cfg.trainer
     rundir = RunDir(run.dir)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    state, finished = _admit(cfg, config, rundir)
-    if finished is not None:
+    state, previous, finished = _admit(cfg, config, rundir)
+    if finished:
         log.info("%s: this run finished before (test acc %.2f %%); nothing to do, results.json kept "
-                 "(resume=evaluate evaluates it again)", run.dir, finished.get("test_acc") or math.nan)
-        return finished
+                 "(resume=evaluate evaluates it again)", run.dir, previous.get("test_acc") or math.nan)
+        return previous
     evaluating = cfg.resume == "evaluate"
     if dist.is_main and not evaluating:  # the config stays the one the run was trained with
         rundir.write_config(cfg, run.hydra_files)
@@ -200,7 +202,7 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
         "slurm_job_id": slurm_job_id(), "git_sha": git_sha(), "versions": versions(),
     }
     if evaluating:  # what evaluation does not measure stays as the training run wrote it
-        results = rundir.read_results() | {"status": "running"}
+        results = previous | {"status": "running"}
     with rundir.logging_to_file() if dist.is_main else contextlib.nullcontext():
         # A re-evaluation keeps the earlier test events: if it fails, they are still the run's record.
         tracker = RunLogger(run, cfg.logger, config, wandb_id=state.get("wandb_id") if state else None,
@@ -212,8 +214,8 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
                           new=cfg.data.root)
         try:
             device = distributed.setup(dist, resolve_device(t.device))
-            with StopOnSignal() as stop, contextlib.ExitStack() as resources:
-                measured = _fit(cfg, run, config, state, tracker, dist, device, stop, resources)
+            with StopOnSignal() as stop, Session(cfg, device, dist) as session:
+                measured = _fit(cfg, run, config, state, tracker, session, stop)
             results = _reevaluated(results, measured) if evaluating else results | measured
             results["status"] = "finished"
         except Interrupted as e:
@@ -246,13 +248,11 @@ class Position:
     best: dict = field(default_factory=lambda: {"acc": -math.inf, "epoch": None})
 
 
-def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger, dist: Dist,
-         device: torch.device, stop: StopOnSignal, resources: contextlib.ExitStack) -> dict:
+def _fit(cfg: DictConfig, run: RunInfo, config: dict, state: dict | None, tracker: RunLogger, session: Session,
+         stop: StopOnSignal) -> dict:
     """The run itself: epochs of training steps, each followed by a val evaluation and last.pt, then
-    the test evaluation and diagnostics. What must be released however the run ends (the loaders'
-    workers) goes into `resources`."""
-    t = cfg.trainer
-    session = resources.enter_context(Session(cfg, device, dist))
+    the test evaluation and diagnostics."""
+    t, dist = cfg.trainer, session.dist
     _describe(cfg, session)
     at = _resume(session, state, tracker) if state is not None else Position()
     meta = {"config": config, "num_classes": session.num_classes, "classes": session.loaders.classes,
@@ -360,15 +360,11 @@ def _describe(cfg: DictConfig, session: Session) -> None:
     log.info("%s: %d classes, %d train / %d val / %d test images | %s, %.1f M params | %s, %s | %d images a step%s",
              cfg.data.name, session.num_classes, len(loaders.train.dataset),
              len(loaders.val.dataset) if loaders.val else 0, len(loaders.test.dataset), cfg.backbone.name,
-             _params_m(session), session.device, session.amp or torch.float32, session.step_batch,
+             session.params_m, session.device, session.amp or torch.float32, session.step_batch,
              f" over {dist.world_size} processes" if dist.enabled else "")
     if session.lr != cfg.optim.lr:
         log.info("lr %.3g (optim.lr %.3g scaled %s to a step batch of %d)", session.lr, cfg.optim.lr,
                  cfg.optim.lr_scale.name, session.step_batch)
-
-
-def _params_m(session: Session) -> float:
-    return sum(p.numel() for p in session.model.parameters()) / 1e6
 
 
 def _resume(session: Session, state: dict, tracker: RunLogger) -> Position:
@@ -377,7 +373,7 @@ def _resume(session: Session, state: dict, tracker: RunLogger) -> Position:
     dist, epochs = session.dist, session.cfg.trainer.epochs
     if state["num_classes"] != session.num_classes:
         raise FgvrError(f"checkpoint has {state['num_classes']} classes, the data set {session.num_classes}")
-    session.load_state_dict(state, state["loaded_from"])
+    session.load_state_dict(state)
     if len(state["rng"]) == dist.world_size:
         checkpoint.set_rng_state(state["rng"][dist.rank])
     else:
@@ -405,7 +401,7 @@ def _results(session: Session, at: Position, test: dict, epochs: list[EpochStats
         "train_img_per_s": sum(e.images for e in timed) / seconds if timed else None,
         "data_wait_pct": 100 * sum(e.data_wait_s for e in timed) / seconds if timed else None,
         "compile_s": session.compile_s, "eval_img_per_s": test["img_per_s"],
-        "peak_mem_mb": round(peak_mem_mb(session.device), 1), "params_m": round(_params_m(session), 3),
+        "peak_mem_mb": round(peak_mem_mb(session.device), 1), "params_m": round(session.params_m, 3),
         "steps": session.steps, "test_images": test["images"], "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
         "region_hit": test.get("region_hit"),

@@ -10,7 +10,7 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from fgvr.runtime.errors import ConfigError, FgvrError, first_few
+from fgvr.runtime.errors import ConfigError, FgvrError, first_few, first_line
 from fgvr.runtime.files import load_weights_only, unsafe_global
 
 # ViT options that other models (CNNs) do not take: passed only to models that accept them.
@@ -97,7 +97,7 @@ def _load_error(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     details = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     shown = "; ".join(d[:160] + ("..." if len(d) > 160 else "") for d in details[:3])
-    return f"its tensors do not match the model ({shown or (lines[0] if lines else type(e).__name__)})"
+    return f"its tensors do not match the model ({shown or first_line(e)})"
 
 
 def _exported_from(path: str) -> str:

@@ -74,8 +74,7 @@ def load(path: str | Path) -> dict:
         raise FgvrError(f"{path}: not a readable checkpoint ({first_line(e, typed=True)})") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
-        keys = (f"{len(state)} entries: {', '.join(list(state)[:3])}, ..." if isinstance(state, dict)
-                else type(state).__name__)
+        keys = f"{len(state)} entries: {first_few(list(state))}" if isinstance(state, dict) else type(state).__name__
         raise FgvrError(f"{path}: not a checkpoint of fgvr train (no {', '.join(missing)}; it holds {keys}); "
                         "pass a run dir or its checkpoints/last.pt, or load bare backbone weights with "
                         "backbone.checkpoint=")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -335,6 +336,7 @@ def resumable(key: str) -> bool:
     return flags.get("resumable", flags.get("neutral", False))
 
 
+@functools.lru_cache(maxsize=None)  # fgvr table asks for every key of every run
 def _key_flags(key: str) -> Mapping[str, bool]:
     """The flags of the field a dotted key names, or of the section that holds it. Hydra's own settings,
     in a config that carries them, are neutral."""

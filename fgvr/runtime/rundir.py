@@ -66,6 +66,7 @@ class RunDir:
         self.results = self.path / "results.json"
         self.backbone = self.path / "backbone.safetensors"
         self.viz = self.path / "viz"
+        self.bench = self.path / "bench.json"  # fgvr bench's numbers
         self.lock_file = self.path / ".lock"
 
     def eval_file(self, split: str) -> Path:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GLSim paper's Table 4 from scratch: GLSim and the plain ViT-B/16 on each benchmark over
-# seeds 1, 10 and 100, then the table beside the published numbers.
+# The GLSim paper's Table 4 from scratch: the plain ViT-B/16, TransFG, FFVT and GLSim (plus CAL and
+# IELT) on each benchmark over seeds 1, 10 and 100, then the table beside the published numbers.
 #   scripts/paper_table.sh DATA_DIR [overrides...]        e.g. hydra/launcher=slurm
 # DATA_DIR is the --root of `fgvr data download NAME --root DATA_DIR`. DATASETS picks the data
 # sets (default: the six of the paper), OUT where the sweeps go (default: outputs/table4, one
-# sweep dir per data set). Rerunning it resumes the runs that did not finish.
+# sweep dir per data set and method, numbered in METHODS' order), METHODS the columns (default: "vit transfg ffvt glsim cal ielt"; each
+# is the experiment <data set>_<method>, glsim the data set's own). Rerunning it resumes the runs
+# that did not finish, and a run with other METHODS adds its runs to the same tables.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 DATA_DIR [overrides...]  (DATASETS=\"cub dogs flowers nabirds pets inat2017\" OUT=outputs/table4)" >&2
@@ -13,12 +15,21 @@ fi
 data_dir=$1
 shift
 out=${OUT:-outputs/table4}
+methods=${METHODS:-vit transfg ffvt glsim cal ielt}
 for name in ${DATASETS:-cub dogs flowers nabirds pets inat2017}; do
   folder=$(fgvr data list | awk -v name="$name" '$1 == name { print $NF }')
-  fgvr train --multirun "+experiment=$name,${name}_vit" seed=1,10,100 "data.root=$data_dir/$folder" \
-    "hydra.sweep.dir=$out/$name" "$@"
+  column=0
+  for m in $methods; do
+    column=$((column + 1))
+    experiment=${name}_$m
+    [ "$m" = glsim ] && experiment=$name
+    fgvr train --multirun "+experiment=$experiment" seed=1,10,100 "data.root=$data_dir/$folder" \
+      "hydra.sweep.dir=$out/$name/${column}_$m" "$@"
+  done
 done
-fgvr table "$out" --rows selector --compare paper --extra eval_img_per_s,cost.gflops_per_image.total \
-  --plot "$out/acc_vs_throughput.png" --out "$out/table4.md"
-fgvr table "$out" --rows selector --extra eval_img_per_s --format latex --out "$out/table4.tex"
-cat "$out/table4.md"
+# The paper's layout (data sets x methods, published numbers beside), then each method's cost.
+fgvr table "$out" --rows dataset --cols method,selector --compare paper --out "$out/table4.md"
+fgvr table "$out" --rows dataset --cols method,selector --format latex --out "$out/table4.tex"
+fgvr table "$out" --rows method,selector --extra eval_img_per_s,train_img_per_s,cost.gflops_per_image.total \
+  --plot "$out/acc_vs_throughput.png" --out "$out/cost.md"
+cat "$out/table4.md" "$out/cost.md"

@@ -41,7 +41,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("backbone=foo", "backbone=foo: no such option; choose one of resnet50, resnet_micro, vit_b16, vit_micro, "
+    ("backbone=foo", "backbone=foo: no such option; choose one of resnet101, resnet50, resnet_micro, vit_b16, vit_micro, "
                      "vit_micro_synth, vit_tiny"),
     ("data=imagenet", "data=imagenet: no such option; choose one of aircraft, cars, csv, cub, dogs, flowers, folder, "
                       "inat2017, nabirds, pets,"),
@@ -147,37 +147,54 @@ def test_gabor_experiments(compose):
 
 @pytest.mark.slow
 def test_every_experiment_runs_one_tiny_step(tmp_path, cub_root):
-    """Each experiment file with its backbone swapped for a tiny one, on a CUB-layout fixture; one
-    sweep over all of them, so the process starts once instead of once per experiment."""
-    sweep = tmp_path / "sweep"
-    proc = fgvr("train", "--multirun", f"+experiment={','.join(EXPERIMENTS)}", f"data.root={cub_root}", "data=cub",
-                "data.check_counts=false", *TINY[:4], "backbone.pretrained=false", "trainer.epochs=1",
-                "trainer.limit_train_batches=1", "optim.warmup_steps=0", f"hydra.sweep.dir={sweep}",
-                cwd=tmp_path, timeout=900, check=False)
-    status = {}
-    for job, experiment in enumerate(EXPERIMENTS):
-        run = sweep / str(job)
-        assert f"+experiment={experiment}" in (run / ".hydra" / "overrides.yaml").read_text()
-        results = json.loads((run / "results.json").read_text())
-        status[experiment] = results["status"]
-        if results["status"] == "finished":  # one step trained, and the whole test split (6 images) evaluated
-            assert (results["steps"], results["test_images"], results["dataset"]) == (1, 6, "cub"), experiment
-    assert proc.returncode == 0 and set(status.values()) == {"finished"}, (status, proc.stderr[-3000:])
+    """Each experiment file with its backbone swapped for a tiny one (CAL's for a tiny CNN, TransFG's
+    overlapping patches at a stride under vit_micro's 8 px), on a CUB-layout fixture; one sweep per
+    kind, so the process starts three times instead of once per experiment."""
+    kinds = {
+        "vit": ([e for e in EXPERIMENTS if not e.endswith(("_cal", "_transfg"))], TINY[:4]),
+        "transfg": ([e for e in EXPERIMENTS if e.endswith("_transfg")], [*TINY[:4], "method.overlap_stride=6"]),
+        "cal": ([e for e in EXPERIMENTS if e.endswith("_cal")], ["backbone=resnet_micro", *TINY[1:4]]),
+    }
+    status, errors = {}, []
+    for kind, (experiments, tiny) in kinds.items():
+        sweep = tmp_path / kind
+        proc = fgvr("train", "--multirun", f"+experiment={','.join(experiments)}", f"data.root={cub_root}",
+                    "data=cub", "data.check_counts=false", *tiny, "backbone.pretrained=false", "trainer.epochs=1",
+                    "trainer.limit_train_batches=1", "optim.warmup_steps=0", f"hydra.sweep.dir={sweep}",
+                    cwd=tmp_path, timeout=900, check=False)
+        errors += [proc.stderr[-3000:]] if proc.returncode else []
+        for job, experiment in enumerate(experiments):
+            run = sweep / str(job)
+            assert f"+experiment={experiment}" in (run / ".hydra" / "overrides.yaml").read_text()
+            results = json.loads((run / "results.json").read_text())
+            status[experiment] = results["status"]
+            if results["status"] == "finished":  # one step trained, and the whole test split (6 images) evaluated
+                assert (results["steps"], results["test_images"], results["dataset"]) == (1, 6, "cub"), experiment
+    assert set(status) == set(EXPERIMENTS) and set(status.values()) == {"finished"} and not errors, (status, errors)
 
 
 @pytest.mark.slow
 def test_paper_table_script(tmp_path, cub_root):
-    """scripts/paper_table.sh on one data set with a tiny backbone: 2 methods x 3 seeds, then the tables."""
+    """scripts/paper_table.sh on one data set with tiny backbones: the six columns x 3 seeds (three calls,
+    as CAL needs a CNN and TransFG's overlap a stride under the tiny ViT's patch), then the tables in the
+    paper's layout (data sets x methods) and the cost per method."""
     env = {**os.environ, "PATH": f"{FGVR.parent}:{os.environ['PATH']}", "DATASETS": "cub", "OUT": str(tmp_path / "t4")}
-    proc = subprocess.run([str(REPO / "scripts" / "paper_table.sh"), str(cub_root.parent), *TINY[:4],
-                           "data.check_counts=false", "backbone.pretrained=false", "trainer.epochs=1",
-                           "trainer.limit_train_batches=1", "optim.warmup_steps=0"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = ["data.check_counts=false", "backbone.pretrained=false", "trainer.epochs=1", "trainer.limit_train_batches=1",
+            "optim.warmup_steps=0", *TINY[1:4]]
+    for methods, overrides in (("vit ffvt glsim ielt", [TINY[0]]), ("transfg", [TINY[0], "method.overlap_stride=6"]),
+                               ("cal", ["backbone=resnet_micro"])):
+        proc = subprocess.run([str(REPO / "scripts" / "paper_table.sh"), str(cub_root.parent), *overrides, *tiny],
+                              cwd=tmp_path, env=env | {"METHODS": methods}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "t4" / "table4.md").read_text().splitlines()
-    assert table[0] == "| selector | cub | eval_img_per_s | cost.gflops_per_image.total |"
-    assert [line.split(" | ")[0] for line in table[2:4]] == ["| glsim", "| none"]  # job order: cub, then cub_vit
-    assert all("(3) |" in line for line in table[2:4])
+    # the columns in the paper's order (the sweep dirs are numbered by METHODS' default order), CAL and IELT after
+    assert table[0] == ("| dataset | none / none | transfg / none | ffvt / none | none / glsim | cal / none | "
+                        "ielt / none |")
+    (cub,) = [line for line in table if line.startswith("| cub |")]
+    cells = cub.split(" | ")[1:]
+    assert all("(3)" in cell for cell in cells), cells
+    cost = (tmp_path / "t4" / "cost.md").read_text().splitlines()
+    assert cost[0] == "| method / selector | cub | eval_img_per_s | train_img_per_s | cost.gflops_per_image.total |"
     assert (tmp_path / "t4" / "table4.tex").read_text().startswith(r"\begin{tabular}")
     assert (tmp_path / "t4" / "acc_vs_throughput.png").stat().st_size > 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ class Record:
     # from before it), or W&B's last heartbeat; None if unknown
     ended: float | None = None
 
+    def __post_init__(self) -> None:
+        if "selector" in self.results:  # fgvr's results; runs from before methods had none
+            self.results.setdefault("method", "none")
+
     def get(self, key: str) -> Any:
         """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
         return self.results[key] if key in self.results else self.config.get(key)
@@ -48,11 +53,16 @@ def run_dirs(paths: list[str]) -> list[Path]:
                 found.append(match)
                 continue
             for root, dirs, _ in os.walk(match):
-                dirs.sort(key=lambda d: (len(d), d))  # job 2 before job 10
+                dirs.sort(key=_natural)  # job 2 before job 10
                 if is_run_dir(Path(root)):
                     found.append(Path(root))
                     dirs.clear()  # a run dir holds no other run
     return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _natural(name: str) -> list:
+    """Sort key: runs of digits compare as numbers (2 before 10, 2_vit before 10_cal)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 def read_run_dir(path: Path) -> Record:

@@ -30,7 +30,7 @@ from fgvr.runtime.errors import ConfigError, DataError
 from fgvr.runtime.files import atomic_write, write_text_atomic
 
 # The config choices results.json records, in the order they label a row.
-CHOICES = ("dataset", "backbone_config", "selector", "texture", "head")
+CHOICES = ("dataset", "backbone_config", "method", "selector", "texture", "head")
 FORMATS = ("md", "csv", "latex", "json")
 # Choices that are no method but a bound: their rows say so, and are never the column's best
 # (csv and json keep the plain name).
@@ -57,8 +57,11 @@ class Reference:
 
     method: str
     mean: float
-    std: float
+    std: float | None  # None where the paper gives one number
     delta: float  # the cell's mean minus the published one
+
+    def text(self, pm: str = " ± ") -> str:
+        return f"{self.mean:.2f}" + (f"{pm}{self.std:.2f}" if self.std is not None else "")
 
 
 def paper_results() -> dict:
@@ -92,14 +95,22 @@ class Table:
     reference_source: str = ""
     repeats: list[Repeat] = field(default_factory=list)
 
-    def is_bound(self, row: tuple) -> bool:
-        return any((k, v) in BOUNDS for k, v in zip(self.row_keys, row))
+    def is_bound(self, row: tuple, keys: list[str] | None = None) -> bool:
+        return any((k, v) in BOUNDS for k, v in zip(self.row_keys if keys is None else keys, row))
 
-    def best(self, col: tuple) -> set[tuple]:
-        """The rows with the highest mean in a column (all of them on a tie), bounds left out."""
-        means = {r: self.cells[(r, col)].mean for r in self.rows if (r, col) in self.cells and not self.is_bound(r)}
-        top = max(means.values(), default=None)
-        return {r for r, m in means.items() if m == top}
+    def best(self) -> set[tuple[tuple, tuple]]:
+        """The cells with the highest mean among the methods of a data set (all of them on a tie),
+        bounds left out: per column when the methods are rows, per row when they are the columns
+        (`--rows dataset`, the GLSim paper's layout). Nothing where there is one method."""
+        by_row = "dataset" in self.row_keys and "dataset" not in self.col_keys
+        best: set[tuple[tuple, tuple]] = set()
+        for group in self.rows if by_row else self.cols:
+            means = {(r, c): cell.mean for (r, c), cell in self.cells.items() if (r if by_row else c) == group
+                     and not self.is_bound(r) and not self.is_bound(c, self.col_keys)}
+            if len(means) > 1:
+                top = max(means.values())
+                best |= {key for key, mean in means.items() if mean == top}
+        return best
 
 
 def _value_key(value: Any) -> str:
@@ -219,12 +230,12 @@ def _number(cell: Cell | None, digits: int, pm: str = " ± ") -> str:
 def _body(table: Table, digits: int, pm: str, bold, published) -> list[list[str]]:
     """The text of every row: label, cells (the best of a column through `bold`, a published
     number through `published`), extras."""
-    lines = []
+    lines, best = [], table.best()
     for row in table.rows:
         cells = [_row_label(table, row)]
         for col in table.cols:
             text = _number(table.cells.get((row, col)), digits, pm)
-            if text and len(table.rows) > 1 and row in table.best(col):
+            if (row, col) in best:
                 text = bold(text)
             if (row, col) in table.reference:
                 text += published(table.reference[(row, col)])
@@ -260,7 +271,7 @@ def _notes(table: Table) -> list[str]:
 def to_markdown(table: Table, digits: int = 2) -> str:
     lines = ["| " + " | ".join(_header(table)) + " |", "|" + "---|" * len(_header(table))]
     body = _body(table, digits, " ± ", lambda text: f"**{text}**",
-                 lambda p: f" (paper {p.method} {p.mean:.2f} ± {p.std:.2f}, Δ {p.delta:+.2f})")
+                 lambda p: f" (paper {p.method} {p.text()}, Δ {p.delta:+.2f})")
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines + [""] + _notes(table)) + "\n"
 

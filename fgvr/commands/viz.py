@@ -1,9 +1,11 @@
-"""`fgvr viz ckpt=<run dir or .pt> n=16`: what the selector and the texture branch looked at,
-one PNG per image.
+"""`fgvr viz ckpt=<run dir or .pt> n=16`: what the selector, the texture branch or the method
+looked at, one PNG per image.
 
 Each PNG shows the image with the patch-score heat map, the selected box (green) and the
 ground-truth box (white, where the data has one), the crop the second pass saw, and the
-prediction against the label. With the texture branch it also shows its regions (yellow, the
+prediction against the label. A token-selecting method (TransFG, FFVT, IELT) shows its selected
+patches (cyan) and the box around them; CAL its attention maps' mean as the heat map and its
+crop. With the texture branch it also shows its regions (yellow, the
 gate's weight beside each; thin where the weight is 0) and a strip with the best region and the
 four filters that respond most to it: each kernel (real part) above its response. With
 logger=wandb in the run, the same panels go as a table to a new W&B run in the run's group."""
@@ -27,7 +29,7 @@ from fgvr.runtime.tracker import start_logger, write_json
 log = logging.getLogger(__name__)
 
 PANEL = 224  # display size of each panel, px
-GREEN, WHITE, RED, YELLOW = (40, 220, 40), (255, 255, 255), (230, 40, 40), (250, 220, 30)
+GREEN, WHITE, RED, YELLOW, CYAN = (40, 220, 40), (255, 255, 255), (230, 40, 40), (250, 220, 30), (40, 220, 230)
 SHOWN_FILTERS = 4
 INDEX = "viz.json"  # the figures fgvr viz wrote into a folder, by split: all that a later viz may replace
 
@@ -64,9 +66,10 @@ def texture_strip(region: np.ndarray, kernels: list[np.ndarray], responses: list
 
 
 def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: np.ndarray | None,
-           title: str, correct: bool, regions: list | None = None, strip: np.ndarray | None = None) -> np.ndarray:
+           title: str, correct: bool, regions: list | None = None, strip: np.ndarray | None = None,
+           tokens: list | None = None) -> np.ndarray:
     """One figure: [image + heat map + boxes | crop] under a title line, and below it the texture
-    strip if given; `regions` are (box, weight) pairs. RGB uint8."""
+    strip if given; `regions` are (box, weight) pairs, `tokens` the boxes of selected patches. RGB uint8."""
     size = image.shape[0]
     left = _panel(image)
     if scores is not None:
@@ -74,6 +77,8 @@ def render(image: np.ndarray, scores: np.ndarray | None, box, truth, crop_img: n
         heat = cv2.resize((255 * s).astype(np.uint8), (PANEL, PANEL), interpolation=cv2.INTER_NEAREST)
         heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)[..., ::-1]
         left = cv2.addWeighted(left, 0.55, heat, 0.45, 0)
+    for token in tokens or []:
+        _box(left, token, size, CYAN, 1)
     if truth is not None:
         _box(left, truth, size, WHITE)
     for region, weight in regions or []:
@@ -113,8 +118,12 @@ def visualise(cfg: VizConfig) -> list[Path]:
             logits, extras = model(images, batch.boxes.to(run.device))
             shown = model.to_input(images)  # what the first pass saw, at the input size
             preds = logits.argmax(-1).cpu().tolist()
-            boxes, scores = extras.get("boxes"), extras.get("scores")
-            crops = model.crops(model.selector_source(images, shown), boxes).cpu() if boxes is not None else None
+            boxes, scores, tokens = extras.get("boxes"), extras.get("scores"), extras.get("token_boxes")
+            if "maps" in extras:  # CAL: where its attention maps look, on average
+                scores = extras["maps"].float().mean(1)
+            cropped = boxes is not None and tokens is None  # a token method's box is no crop it saw
+            crops = model.crops(model.selector_source(images, shown), boxes).cpu() if cropped else None
+            tokens = tokens.cpu().tolist() if tokens is not None else None
             shown = shown.cpu()
             boxes = boxes.cpu().tolist() if boxes is not None else None
             scores = scores.float().cpu().numpy() if scores is not None else None
@@ -127,7 +136,8 @@ def visualise(cfg: VizConfig) -> list[Path]:
                                 boxes[i] if boxes is not None else None, truth,
                                 _to_uint8(crops[i]) if crops is not None else None,
                                 f"pred {classes[pred]} | label {classes[label]}", pred == label,
-                                regions[i] if regions is not None else None, strips[i] if strips is not None else None)
+                                regions[i] if regions is not None else None, strips[i] if strips is not None else None,
+                                tokens[i] if tokens is not None else None)
                 path = out_dir / f"{cfg.split}_{len(paths):03d}.png"
                 if not cv2.imwrite(str(path), figure[..., ::-1]):
                     raise FgvrError(f"{path}: cannot write the figure (a full disk, or no permission)")

@@ -36,6 +36,8 @@ def stage_flops(model: FGVRModel, image: torch.Tensor, truth: torch.Tensor | Non
     model.eval()
     with torch.no_grad():
         source, x = model.prepare(image)
+        if model.method is not None:
+            return _method_flops(model, x)
         tokens, flops = count(lambda: model.first_pass(x))
         out = {"first_pass": flops}
         crop_feat = texture_feat = boxes = None
@@ -46,6 +48,23 @@ def stage_flops(model: FGVRModel, image: torch.Tensor, truth: torch.Tensor | Non
         if model.texture is not None:
             (texture_feat, _), out["texture"] = count(lambda: model.texture_pass(image, tokens, x.shape[-2:], boxes))
         _, out["head"] = count(lambda: model.classify(tokens.pooled, crop_feat, texture_feat))
+    out["total"] = sum(out.values())
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+def _method_flops(model: FGVRModel, x: torch.Tensor) -> dict[str, float]:
+    """A method's forward GFLOPs per image by the stages it marks (Method.stage); the rest, the
+    backbone's blocks, as `encoder`."""
+    method = model.method
+    method.stage_flops = {}
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        method.flop_counter = counter
+        try:
+            method(model.backbone, x)
+        finally:
+            method.flop_counter = None
+    stages = {k: v / 1e9 for k, v in method.stage_flops.items()}
+    out = {"encoder": counter.get_total_flops() / 1e9 - sum(stages.values()), **stages}
     out["total"] = sum(out.values())
     return {k: round(v, 6) for k, v in out.items()}
 

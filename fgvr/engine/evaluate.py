@@ -16,7 +16,7 @@ from torch import nn
 
 from fgvr.data.dataset import Loaders, build_loaders, require_boxes
 from fgvr.models.model import FGVRModel, build_model, settings, source_scale
-from fgvr.models.selectors import localisation
+from fgvr.models.selectors import localisation, token_localisation
 from fgvr.runtime import checkpoint, distributed
 from fgvr.runtime.config import upgrade, with_defaults
 from fgvr.runtime.device import resolve_device, to_device
@@ -30,12 +30,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
              limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%), img/s, the images evaluated and those skipped as
     unreadable (data.skip_bad) and, on data with boxes, how well the model's
-    regions localise: for a selector's crop, the mean IoU with the ground-truth box (`crop_iou`)
-    and the % of crops that contain its centre (`crop_hit`); for the texture branch's best
-    region, the same as `region_iou` and `region_hit`. Summed over all ranks' shards, so the
+    regions localise: for a selector's crop (a method's crop, or the box around its tokens), the
+    mean IoU with the ground-truth box (`crop_iou`) and the % of crops that contain its centre
+    (`crop_hit`); for the texture branch's best region, the same as `region_iou` and
+    `region_hit`; for a method's selected tokens, the % whose patch centre lies in the box
+    (`token_hit`). Summed over all ranks' shards, so the
     numbers are over the whole split. One host-device sync."""
     model.eval()
-    totals = torch.zeros(11, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, images, skipped
+    totals = torch.zeros(13, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, tokens x 2, images
     n, skipped, start = 0, 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
@@ -49,13 +51,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         truth = fractions * model.input_size
         local = [localisation(boxes.float(), truth) if boxes is not None else torch.zeros(3, device=device)
                  for boxes in (extras.get("boxes"), extras["regions"][:, 0] if "regions" in extras else None)]
-        totals[:9] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                                              (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
-                                 *local])
+        tokens = token_localisation(extras["token_boxes"].float(), truth) if "token_boxes" in extras \
+            else torch.zeros(2, device=device)
+        totals[:11] += torch.cat([torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum()]),
+                                  *local, tokens])
         n += len(labels)
         skipped += batch.skipped
-    totals[9:] = torch.tensor([n, skipped])  # counted on the host: a tensor a batch would be a copy per batch
-    loss, top1, top5, *local, images, skipped = distributed.all_reduce_(totals, dist).tolist()
+    totals[11:] = torch.tensor([n, skipped])  # counted on the host: a tensor a batch would be a copy per batch
+    loss, top1, top5, *local, token_hits, tokens, images, skipped = distributed.all_reduce_(totals, dist).tolist()
     elapsed = time.perf_counter() - start
     n = max(images, 1)
     out = {"loss": loss / n, "acc": 100 * top1 / n, "top5": 100 * top5 / n, "img_per_s": images / elapsed,
@@ -63,6 +67,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     for name, (iou, hits, boxed) in (("crop", local[:3]), ("region", local[3:])):
         if boxed:
             out |= {f"{name}_iou": iou / boxed, f"{name}_hit": 100 * hits / boxed}
+    if tokens:
+        out["token_hit"] = 100 * token_hits / tokens
     return out
 
 

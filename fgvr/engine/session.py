@@ -15,7 +15,6 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvr.data.dataset import Batch, build_loaders, require_boxes
@@ -75,7 +74,6 @@ class Session:
         self.optimizer = build_optimizer(self.model, cfg.optim, device, self.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=self.steps_per_epoch * t.epochs)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.grad_clip = t.grad_clip
         self.ddp = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
             if dist.enabled else self.model
@@ -116,27 +114,34 @@ class Session:
         self.loaders.train.sampler.set_epoch(epoch, position)
         return _steps(iter(self.loaders.train), self.steps_per_epoch - position // self.step_batch, self.accum_steps)
 
-    def step(self, batches: list[Batch], timer: StepTimer | None = None) -> torch.Tensor:
+    def step(self, batches: list[Batch], timer: StepTimer | None = None) -> dict[str, torch.Tensor]:
         """One optimiser step over `batches` (micro-batches whose gradients add up; under DDP they
-        are averaged over the ranks on the last one only): clip, step, schedule, EMA. Returns the
-        loss sum and the correct predictions over the batches, on the device, without a sync."""
+        are averaged over the ranks on the last one only): clip, step, schedule, EMA. Returns sums
+        over the batches' images, on the device, without a sync: "loss", "correct" and, for a
+        model with more than one loss term (a method's), each term as "loss_<name>"."""
         mark = timer.mark if timer is not None else lambda phase: None
         compiling = self.forward is not self.ddp and self.compile_s is None
         start = time.perf_counter()
         mark("start")
-        totals = torch.zeros(2, device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         for k, batch in enumerate(batches):
             images, labels = to_device(batch.images, batch.labels, self.device, self.channels_last)
             boxes = batch.boxes.to(self.device, non_blocking=True)  # ground truth, read by selector=oracle only
             last = k == len(batches) - 1
             with self.ddp.no_sync() if self.dist.enabled and not last else contextlib.nullcontext():
                 with self.autocast():
-                    logits, _ = self.forward(images, boxes)
-                    loss = self.criterion(logits.float(), labels)
+                    logits, extras = self.forward(images, boxes, labels)
+                    terms = extras["losses"]
+                    loss = sum(terms.values())
                 mark("forward")
                 self.scaler.scale(loss / len(batches)).backward()
                 mark("backward")
-            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(-1) == labels).sum()])
+            n = len(labels)
+            sums = {"loss": loss * n, "correct": (logits.argmax(-1) == labels).sum()}
+            if len(terms) > 1:
+                sums |= {f"loss_{name}": term * n for name, term in terms.items()}
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0) + value.detach().float()
         optimizer_step(self.optimizer, self.scaler, self.model, self.grad_clip)
         self.steps += 1
         self.scheduler.step_update(self.steps)

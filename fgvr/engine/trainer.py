@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "position", "best", "rng", "num_classes")
 # What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
 EVALUATED = ("test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
-             "region_iou", "region_hit", "cost", "cost_error", "backbone_weights", "backbone_weights_error")
+             "region_iou", "region_hit", "token_hit",
+             "cost", "cost_error", "backbone_weights", "backbone_weights_error")
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -197,7 +198,8 @@ def _train(cfg: DictConfig, run: RunInfo) -> dict:
     results: dict = {
         "status": "running", "dataset": cfg.data.name, "backbone": cfg.backbone.name,
         "backbone_config": run.choices.get("backbone"), "selector": run.choices.get("selector", "none"),
-        "texture": run.choices.get("texture", "none"), "head": run.choices.get("head"), "seed": cfg.seed,
+        "texture": run.choices.get("texture", "none"), "head": run.choices.get("head"),
+        "method": run.choices.get("method", "none"), "seed": cfg.seed,
         "img_size": cfg.data.img_size, "epochs": t.epochs, "world_size": dist.world_size, "run_dir": str(run.dir),
         "slurm_job_id": slurm_job_id(), "git_sha": git_sha(), "versions": versions(),
     }
@@ -323,30 +325,34 @@ def _train_epoch(session: Session, at: Position, tracker: RunLogger, stop_here: 
     (the only host-device sync of training); after every step, stop_here."""
     t, dist = session.cfg.trainer, session.dist
     session.model.train()
-    window = torch.zeros(3, device=session.device)  # loss sum, hits, images since the last train event
+    window: dict[str, torch.Tensor] = {}  # sums since the last train event: loss, hits, each loss term
     images = logged = skipped = 0
     start = tick = time.perf_counter()
     data = DataWait(session.epoch(at.epoch, at.samples))  # adds up the time the loop waits for data
     with EpochProgress(f"epoch {at.epoch + 1}/{t.epochs}", session.steps_per_epoch, at.samples // session.step_batch,
                        enabled=None if dist.is_main else False) as progress:
         for batches in data:
-            window[:2] += session.step(batches)
+            for name, value in session.step(batches).items():
+                window[name] = window.get(name, 0) + value
             images += sum(len(b.labels) for b in batches)
             skipped += sum(b.skipped for b in batches)
             at.samples += session.step_batch
             progress.advance()
             if session.steps % t.log_every == 0:
-                window[2] = images - logged
-                loss_sum, hits, n = distributed.all_reduce_(window, dist).tolist()
+                sums = dict(zip([*window, "images"], distributed.all_reduce_(
+                    torch.stack([*window.values(), torch.tensor(float(images - logged), device=session.device)]), dist
+                ).tolist()))
+                n, hits = sums.pop("images"), sums.pop("correct")
                 now = time.perf_counter()
-                event = dict(step=session.steps, epoch=at.epoch + 1, split="train", loss=loss_sum / n,
+                event = dict(step=session.steps, epoch=at.epoch + 1, split="train",
+                             **{k: v / n for k, v in sums.items()},  # the loss (and each of its terms)
                              acc=100 * hits / n, lr=session.optimizer.param_groups[0]["lr"], img_per_s=n / (now - tick))
                 tracker.log(**event)
                 progress.show(event)
                 if not progress.live:
                     log.info("epoch %d step %d | loss %.4f | acc %.1f%% | lr %.2e | %.0f img/s", at.epoch + 1,
                              session.steps, event["loss"], event["acc"], event["lr"], event["img_per_s"])
-                window.zero_()
+                window.clear()
                 logged, tick = images, now
             stop_here()
     if dist.enabled:  # once an epoch, beside the val evaluation's own sync
@@ -404,7 +410,7 @@ def _results(session: Session, at: Position, test: dict, epochs: list[EpochStats
         "peak_mem_mb": round(peak_mem_mb(session.device), 1), "params_m": round(session.params_m, 3),
         "steps": session.steps, "test_images": test["images"], "skipped_images": skipped,
         "crop_iou": test.get("crop_iou"), "crop_hit": test.get("crop_hit"), "region_iou": test.get("region_iou"),
-        "region_hit": test.get("region_hit"),
+        "region_hit": test.get("region_hit"), "token_hit": test.get("token_hit"),
     }
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from fgvr.runtime.errors import ConfigError
 
 
-def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], antialias: int = 1) -> torch.Tensor:
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], antialias: int = 1,
+         align_corners: bool = False) -> torch.Tensor:
     """Bilinear crops of `images` (B, C, H, W) at `boxes` (x1 y1 x2 y2, pixels): one box per image
     (B, 4) -> (B, C, *size), or K per image (B, K, 4) -> (B, K, C, *size).
 
@@ -18,20 +19,22 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int],
     centres, samples clamped to the box), so for whole-pixel boxes it equals cropping each image
     and resizing it; but it is one op for the batch, on the batch's device, with no host sync
     (the K crops of an image are sampled as one tall grid, without copying the image).
+    `align_corners=True` samples as `align_corners=True` does instead (the first and last samples
+    on the box's first and last pixel centres): GLSim's reference crops so (`F.upsample_bilinear`).
 
     `antialias` > 1 samples an antialias x antialias grid inside every output pixel and averages
     it (a box filter over the pixel's footprint), so a box shrunk up to that many times does not
     alias detail finer than the crop can hold into false coarse patterns (`crop_antialias`)."""
     oh, ow = (size, size) if isinstance(size, int) else size
     if antialias > 1:
-        fine = crop(images, boxes, (oh * antialias, ow * antialias))
+        fine = crop(images, boxes, (oh * antialias, ow * antialias), align_corners=align_corners)
         return F.avg_pool2d(fine.flatten(0, -3), antialias).unflatten(0, fine.shape[:-2])
     H, W = images.shape[-2:]
     single = boxes.ndim == 2
     boxes = (boxes[:, None] if single else boxes).to(images.dtype if images.is_floating_point() else torch.float32)
     B, K = boxes.shape[:2]
-    x = _sample_points(boxes[..., 0], boxes[..., 2], ow)  # (B, K, ow) pixel coordinates
-    y = _sample_points(boxes[..., 1], boxes[..., 3], oh)  # (B, K, oh)
+    x = _sample_points(boxes[..., 0], boxes[..., 2], ow, align_corners)  # (B, K, ow) pixel coordinates
+    y = _sample_points(boxes[..., 1], boxes[..., 3], oh, align_corners)  # (B, K, oh)
     grid = torch.stack([  # grid_sample's normalised coordinates (align_corners=False)
         ((2 * x + 1) / W - 1)[:, :, None, :].expand(-1, -1, oh, -1),
         ((2 * y + 1) / H - 1)[:, :, :, None].expand(-1, -1, -1, ow),
@@ -41,11 +44,15 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int],
     return out[:, 0] if single else out
 
 
-def _sample_points(start: torch.Tensor, end: torch.Tensor, n: int) -> torch.Tensor:
-    """Pixel coordinates of n half-pixel-centred samples over [start, end), clamped inside it."""
+def _sample_points(start: torch.Tensor, end: torch.Tensor, n: int, align_corners: bool = False) -> torch.Tensor:
+    """Pixel coordinates of n half-pixel-centred samples over [start, end), clamped inside it; with
+    `align_corners`, n samples from the first pixel's centre to the last's."""
     length = (end - start).clamp(min=1)
-    t = (torch.arange(n, device=start.device, dtype=start.dtype) + 0.5) / n
-    offset = (t * length[..., None] - 0.5).clamp(min=0)
+    i = torch.arange(n, device=start.device, dtype=start.dtype)
+    if align_corners:
+        offset = i / max(n - 1, 1) * (length[..., None] - 1)
+    else:
+        offset = ((i + 0.5) / n * length[..., None] - 0.5).clamp(min=0)
     return start[..., None] + torch.minimum(offset, length[..., None] - 1)
 
 

@@ -1,12 +1,14 @@
 """The composition model: backbone -> selector -> crop -> the same backbone again, and the
-texture branch beside them -> head.
+texture branch beside them -> head; or the backbone and a method with a forward of its own
+(`method=transfg|ffvt|ielt|cal`, fgvr/models/methods/).
 
 With `selector=none` and `texture=none` it is the plain backbone and head. With a selector
 (GLSim and its baselines) the first pass's tokens give a box per image, the boxes are cropped
 in one batched op, the crops go through the same backbone (with their own CLS token unless
 shared), and the head sees both pooled features. With `texture=gabor` the first pass's tokens
 (or the GLSim box) choose the regions whose Gabor texture features are added to the global
-feature (or given to the head as one more feature)."""
+feature (or given to the head as one more feature). With a method, the method maps the
+normalised images to logits (and, in training, its named loss terms) through the backbone."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from fgvr.models.backbone import Backbone, Tokens
 from fgvr.models.crop import crop, crop_antialias, loader_scale, source_scale_of
+from fgvr.models.methods.base import Method
 from fgvr.models.selectors import Selection, Selector
 from fgvr.models.texture import GaborTexture, Regions
 from fgvr.runtime.config import instantiate, target_arguments
@@ -37,7 +40,9 @@ class Normalize(nn.Module):
 
 
 class FGVRModel(nn.Module):
-    """uint8 images -> (logits, extras). Normalisation runs here, on the device.
+    """uint8 images -> (logits, extras). Normalisation runs here, on the device. Given `labels`
+    (training), extras["losses"] holds the named loss terms whose sum is the training loss: the
+    cross-entropy ("ce", with `label_smoothing`), or the method's terms.
 
     Images arrive at `input_size` (S), or `source_scale` times larger when the selector or the
     texture branch cuts its regions from the original resolution (`crop_source=original`); the
@@ -45,21 +50,25 @@ class FGVRModel(nn.Module):
     view. `extras` holds the selector's `boxes` (B, 4, in S-pixel coordinates) and patch
     `scores` (B, h, w), and the texture branch's `regions` (B, K, 4) and `region_weights` (B, K).
     `truth`, the ground-truth boxes (B, 4) as fractions of the image, is read by
-    selector=oracle only."""
+    selector=oracle only. A method's extras are its own (`MethodOutput.extras`)."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, selector: Selector | None = None,
-                 input_size: int = 224, texture: GaborTexture | None = None):
+    def __init__(self, backbone: Backbone, head: nn.Module | None, selector: Selector | None = None,
+                 input_size: int = 224, texture: GaborTexture | None = None, method: Method | None = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.backbone = backbone
         self.selector = selector
         self.texture = texture
         self.head = head
+        self.method = method
+        self.label_smoothing = label_smoothing
         self.input_size = input_size
         self.crop_scale = selector.source_scale if selector is not None else 1.0
         self.texture_scale = texture.source_scale if texture is not None else 1.0
         self.source_scale = loader_scale(self.crop_scale, self.texture_scale)  # what the loaders deliver
         self.crop_size = (selector.crop_size if selector is not None else None) or input_size
+        self.crop_align_corners = selector is not None and selector.align_corners
         # Crops shrunk from the larger copy (or to a crop size under the input's) are antialiased.
         self.crop_antialias = crop_antialias(self.crop_scale * input_size, self.crop_size)
         self.texture_antialias = crop_antialias(self.texture_scale * input_size, texture.region_size) \
@@ -71,6 +80,8 @@ class FGVRModel(nn.Module):
         extra = {"crop_cls"} if self.crop_cls is not None else set()
         if self.texture is not None:
             extra |= {f"texture.{n}" for n in self.texture.no_weight_decay()}
+        if self.method is not None:
+            extra |= {f"method.{n}" for n in self.method.no_weight_decay()}
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | extra
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +105,7 @@ class FGVRModel(nn.Module):
 
     def crops(self, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """The boxes (S-pixel coordinates) cut from the crop source and resized to the crop size."""
-        return crop(source, boxes * self.crop_scale, self.crop_size, self.crop_antialias)
+        return crop(source, boxes * self.crop_scale, self.crop_size, self.crop_antialias, self.crop_align_corners)
 
     def first_pass(self, x: torch.Tensor) -> Tokens:
         if self.selector is None:
@@ -122,9 +133,12 @@ class FGVRModel(nn.Module):
         regions = self.texture.regions(tokens, image_hw, boxes)
         return self.texture.encode(self.texture_crops(images, regions.boxes), regions.weights), regions
 
-    def forward(self, images: torch.Tensor, truth: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, truth: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict]:
         source, x = self.prepare(images)
+        if self.method is not None:
+            logits, losses, extras = self.method(self.backbone, x, labels)
+            return logits, extras | ({"losses": losses} if labels is not None else {})
         tokens = self.first_pass(x)
         global_feat, crop_feat, texture_feat, extras = tokens.pooled, None, None, {}
         if self.selector is not None:
@@ -136,7 +150,10 @@ class FGVRModel(nn.Module):
         if self.texture is not None:
             texture_feat, regions = self.texture_pass(images, tokens, x.shape[-2:], extras.get("boxes"))
             extras |= {"regions": regions.boxes, "region_weights": regions.weights}
-        return self.classify(global_feat, crop_feat, texture_feat), extras
+        logits = self.classify(global_feat, crop_feat, texture_feat)
+        if labels is not None:
+            extras["losses"] = {"ce": F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)}
+        return logits, extras
 
     def classify(self, global_feat: torch.Tensor, crop_feat: torch.Tensor | None,
                  texture_feat: torch.Tensor | None) -> torch.Tensor:
@@ -165,6 +182,32 @@ def settings(node: DictConfig, *keys: str) -> tuple:
     return tuple(node[k] if k in node else defaults[k] for k in keys)
 
 
+def build_method(cfg: DictConfig, backbone: Backbone, num_classes: int) -> Method | None:
+    """The method a config names (None for method=none), checked against the rest of the model: it
+    brings its own selection and classifier, so no selector, texture branch or head other than linear."""
+    node = cfg.get("method") or {}  # runs made before methods existed have no method key
+    if not node.get("_target_"):
+        return None
+    make = instantiate("method", node, _partial_=True, supplied=("backbone", "num_classes", "label_smoothing"))
+    kind: type[Method] = make.func
+    name = kind.name
+    for group, what in (("selector", "selector"), ("texture", "texture branch")):
+        if cfg[group].get("_target_"):
+            raise ConfigError(f"method={name} selects its own regions; it takes no {what}: drop {group}= "
+                              f"(or set {group}=none)")
+    if cfg.head.get("_target_") != "fgvr.models.heads.LinearHead":
+        raise ConfigError(f"method={name} brings its own classifier; head={cfg.head.get('_target_')} would not be "
+                          "used: set head=linear")
+    if cfg.trainer.grad_checkpointing:
+        raise ConfigError(f"method={name} runs the backbone's blocks itself; trainer.grad_checkpointing=true is "
+                          "not supported with it")
+    if kind.needs_transformer and not backbone.is_transformer:
+        raise ConfigError(f"method={name}: needs a ViT backbone (attention maps); {cfg.backbone.name} is a CNN")
+    if kind.needs_cnn and backbone.is_transformer:
+        raise ConfigError(f"method={name}: needs a CNN backbone (a feature map); {cfg.backbone.name} is a ViT")
+    return make(backbone=backbone, num_classes=num_classes, label_smoothing=cfg.trainer.label_smoothing)
+
+
 def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
     """Build the model a composed train config describes."""
     selector = build_selector(cfg)
@@ -183,7 +226,10 @@ def build_model(cfg: DictConfig, num_classes: int) -> FGVRModel:
         if texture.regions_from == "glsim" and selector is None:
             raise ConfigError("texture.regions=glsim takes the selector's box, but selector=none; "
                               "add selector=glsim or use texture.regions=proposals")
-    num_inputs = 1 + (selector is not None) + (texture is not None and texture.fusion == "token")
-    head = instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
-                       num_inputs=num_inputs)
-    return FGVRModel(backbone, head, selector, cfg.data.img_size, texture)
+    method = build_method(cfg, backbone, num_classes)
+    head = None
+    if method is None:
+        num_inputs = 1 + (selector is not None) + (texture is not None and texture.fusion == "token")
+        head = instantiate("head", cfg.head, in_features=backbone.num_features, num_classes=num_classes,
+                           num_inputs=num_inputs)
+    return FGVRModel(backbone, head, selector, cfg.data.img_size, texture, method, cfg.trainer.label_smoothing)

@@ -76,6 +76,16 @@ def localisation(boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
                         known.sum()]).float()
 
 
+def token_localisation(token_boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(selected tokens whose patch centre lies in the ground-truth box, tokens) over the rows whose
+    box is known, for a method's (B, K, 4) token boxes; summed on the device."""
+    known = truth.isfinite().all(-1)
+    truth = torch.where(known[:, None], truth, 0)[:, None]  # (B, 1, 4)
+    centre = (token_boxes[..., :2] + token_boxes[..., 2:]) / 2
+    inside = ((truth[..., :2] <= centre) & (centre <= truth[..., 2:])).all(-1) & known[:, None]
+    return torch.stack([inside.sum(), known.sum() * token_boxes.shape[1]]).float()
+
+
 class Selector(nn.Module):
     """Base: top-k patches by `scores` -> box, plus the crop settings every selector shares.
 
@@ -83,14 +93,18 @@ class Selector(nn.Module):
     crop_source: `input` crops the network input; `original` crops a `source_scale` times larger
         copy of the same view, so the crop has real detail instead of upsampled pixels.
     crop_cls: `separate` gives the second pass its own learnable CLS token, initialised from the
-        CLS token; `shared` reuses the CLS token (ViTs only; CNNs have none)."""
+        CLS token; `shared` reuses the CLS token (ViTs only; CNNs have none).
+    align_corners: sample the crop as GLSim's reference does (`F.upsample_bilinear`, i.e.
+        align_corners=True); with box_end=exclusive its crops exactly. Default: half-pixel centres,
+        as every resize of the loaders."""
 
     name = "selector"
     needs_transformer = False
     needs_boxes = False  # reads the ground-truth boxes (the oracle)
 
     def __init__(self, top_k: int = 8, box_end: str = "inclusive", crop_size: int | None = None,
-                 crop_source: str = "input", source_scale: float = 2.0, crop_cls: str = "separate"):
+                 crop_source: str = "input", source_scale: float = 2.0, crop_cls: str = "separate",
+                 align_corners: bool = False):
         super().__init__()
         _check("box_end", box_end, BOX_ENDS)
         _check("crop_source", crop_source, ("input", "original"))
@@ -102,7 +116,7 @@ class Selector(nn.Module):
         if source_scale < 1:
             raise ConfigError(f"selector.source_scale={source_scale}: must be at least 1")
         self.top_k, self.box_end, self.crop_size = top_k, box_end, crop_size
-        self.crop_cls = crop_cls
+        self.crop_cls, self.align_corners = crop_cls, align_corners
         self.source_scale = source_scale_of(crop_source, source_scale)
 
     def scores(self, tokens: Tokens) -> torch.Tensor:
@@ -177,8 +191,9 @@ class OracleSelector(Selector):
     needs_boxes = True
 
     def __init__(self, crop_size: int | None = None, crop_source: str = "input", source_scale: float = 2.0,
-                 crop_cls: str = "separate"):
-        super().__init__(crop_size=crop_size, crop_source=crop_source, source_scale=source_scale, crop_cls=crop_cls)
+                 crop_cls: str = "separate", align_corners: bool = False):
+        super().__init__(crop_size=crop_size, crop_source=crop_source, source_scale=source_scale, crop_cls=crop_cls,
+                         align_corners=align_corners)
 
     @torch.no_grad()
     def forward(self, tokens: Tokens, image_hw: tuple[int, int], truth: torch.Tensor | None = None) -> Selection:

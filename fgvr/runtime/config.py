@@ -2,7 +2,7 @@
 
 `configs/train.yaml` lists `fgvr_train` first in its defaults, so a wrong key, a value of the
 wrong type or an enum value that does not exist fails at composition, before any work starts.
-Groups whose keys depend on the chosen class (head, selector, texture) are checked when they
+Groups whose keys depend on the chosen class (head, selector, texture, method) are checked when they
 are instantiated instead (`instantiate`).
 
 Every default lives here; the YAML files under configs/ state only what differs from it. Each
@@ -274,6 +274,7 @@ class TrainConfig:
     selector: Any = None
     texture: Any = None
     head: Any = None
+    method: Any = None  # a method with its own forward (TransFG, FFVT, CAL, IELT); none: the model above
 
 
 @dataclass

@@ -117,6 +117,38 @@ def test_batched_crop_equals_cropping_each_image(size, box):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("size,box", [(16, [3, 5, 11, 9]), (8, [0, 0, 24, 20]), ((12, 20), [10, 2, 23, 19])])
+def test_crop_with_align_corners_equals_the_references_upsample_bilinear(size, box):
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 20, 24)
+    boxes = torch.tensor([box, [0, 0, 24, 20], [5, 5, 6, 7]], dtype=torch.float32)
+    out = crop(images, boxes, size, align_corners=True)
+    hw = (size, size) if isinstance(size, int) else size
+    for image, (x1, y1, x2, y2), got in zip(images, boxes.int().tolist(), out):
+        want = F.interpolate(image[None, :, y1:y2, x1:x2], size=hw, mode="bilinear", align_corners=True)[0]
+        assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(out[0], crop(images, boxes, size)[0], atol=1e-3)  # the option changes the crop
+
+
+def test_glsim_with_the_references_box_and_sampling_crops_as_the_reference():
+    """box_end=exclusive + align_corners=true: the reference's boxes (max index * patch, a one-patch
+    box widened) cropped by F.upsample_bilinear from the input, image by image."""
+    model = glsim_model(box_end="exclusive", align_corners=True).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.backbone.forward_tokens(x)
+        boxes = model.selector(tokens, (32, 32)).boxes
+        crops = model.crops(x, boxes)
+        scores = torch.einsum("bd,bnd->bn", F.normalize(tokens.cls, dim=-1), F.normalize(tokens.patches, dim=-1))
+    for image, score, got in zip(x, scores, crops):
+        idx = score.topk(2).indices
+        rows, cols = (idx // 4).tolist(), (idx % 4).tolist()
+        y1, y2, x1, x2 = min(rows) * 8, max(rows) * 8, min(cols) * 8, max(cols) * 8
+        y2, x2 = (y1 + 8 if y2 == y1 else y2), (x1 + 8 if x2 == x1 else x2)
+        want = F.interpolate(image[None, :, y1:y2, x1:x2], size=(32, 32), mode="bilinear", align_corners=True)[0]
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_vit_tokens_with_register_tokens_and_non_square_input():
     vit = Backbone("vit_tiny_patch16_224", img_size=(32, 48), kwargs=dict(MICRO, reg_tokens=4))
     tokens = vit.forward_tokens(torch.randn(2, 3, 32, 48))
@@ -218,7 +250,7 @@ def test_rollout_needs_a_vit(compose):
     with pytest.raises(ConfigError, match="selector=rollout: needs a ViT backbone"):
         build_model(cfg, 3)
     with pytest.raises(ConfigError, match="selector.bogus: no such option; selector takes metric, top_k, box_end, "
-                                          "crop_size, crop_source, source_scale, crop_cls$"):
+                                          "crop_size, crop_source, source_scale, crop_cls, align_corners$"):
         build_model(compose("selector=glsim", "+selector.bogus=1"), 3)
 
 

@@ -162,6 +162,16 @@ def test_compare_the_methods_with_the_paper_in_its_layout(tmp_path, capsys):
                         "90.49 ± 0.06, Δ +0.01) | 90.10 ± 0.10 (3) (paper ViT-B/16 90.11 ± 0.17, Δ -0.01) |")
 
 
+def test_runs_with_test_time_augmentation_are_kept_apart(tmp_path):
+    for seed in (1, 10):
+        for tta in (False, True):
+            config = {"method": {"_target_": "fgvr.models.methods.cal.CAL", "tta": tta}}
+            write_run(tmp_path / f"{tta}{seed}", "none", seed, 88.0 + tta, config=config, method="cal")
+    table = build_table([read_run_dir(p) for p in run_dirs([str(tmp_path)])], ["method"], ["dataset"])
+    assert table.varied == ["method.tta"] and len(table.rows) == 2
+    assert sorted(c.mean for c in table.cells.values()) == [88.0, 89.0]
+
+
 def test_plot_has_a_point_per_method_and_data_set(sweep, tmp_path, capsys):
     import cv2
 

@@ -139,7 +139,11 @@ def test_two_processes_stop_on_a_signal_and_resume(train_run, tmp_path, stray_si
     ["texture=gabor", "texture.region_size=16", "selector=random", "texture.fusion=token"],
     ["backbone=resnet50", "backbone.name=test_resnet", "backbone.pretrained=false", "selector=glsim"],
     ["trainer.ema_decay=0.9", "trainer.accum_steps=2", "selector=rollout"],
-], ids=["glsim", "gabor", "cnn", "ema-accum-rollout"])
+    ["method=transfg", "method.overlap_stride=6"],
+    ["method=ffvt", "trainer.precision=bf16"],
+    ["method=ielt", "method.update_warm=0", "trainer.ema_decay=0.9"],
+    ["method=cal", "backbone=resnet_micro", "trainer.precision=bf16"],
+], ids=["glsim", "gabor", "cnn", "ema-accum-rollout", "transfg", "ffvt-bf16", "ielt-ema", "cal-bf16"])
 def test_every_method_trains_over_two_processes(train_run, method):
     """DDP needs every parameter to get a gradient and every buffer to be broadcastable (else a
     rank fails); each step takes both ranks' 16 images, and the test set is evaluated over the

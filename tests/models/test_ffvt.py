@@ -3,8 +3,6 @@ captured attention, the fused sequence (CLS + each block's own selected tokens),
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,45 +11,7 @@ from torch import nn
 from fgvr.models.backbone import Backbone
 from fgvr.models.methods.ffvt import FFVT
 from fgvr.runtime.errors import ConfigError
-
-TOY = {"depth": 3, "embed_dim": 32, "num_heads": 2, "patch_size": 8}  # 32 px: a 4 x 4 grid, 17 tokens
-
-
-def toy(peaky: bool = True, **kwargs) -> Backbone:
-    """The 3-block toy ViT; `peaky` widens the q/k weights so that attention is far from uniform."""
-    torch.manual_seed(0)
-    backbone = Backbone("vit_tiny_patch16_224", kwargs={**TOY, **kwargs}, img_size=32)
-    if peaky:
-        for blk in backbone.model.blocks:
-            nn.init.normal_(blk.attn.qkv.weight, std=0.5)
-    return backbone
-
-
-def unfused_attention(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each block's attention probabilities from timm's unfused path (the input of attn_drop) and
-    its raw scores q k^T / sqrt(d), from the output of its qkv projection."""
-    probs: list[torch.Tensor] = []
-    qkv: list[torch.Tensor] = []
-    attns = [blk.attn for blk in model.blocks]
-    hooks = [a.attn_drop.register_forward_pre_hook(lambda m, inputs: probs.append(inputs[0].detach())) for a in attns]
-    hooks += [a.qkv.register_forward_hook(lambda m, inputs, out: qkv.append(out.detach())) for a in attns]
-    fused = [a.fused_attn for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        with torch.no_grad():
-            model.forward_features(x)
-    finally:
-        for a, f in zip(attns, fused):
-            a.fused_attn = f
-        for hook in hooks:
-            hook.remove()
-    heads = attns[0].num_heads
-    scores = []
-    for out in qkv:
-        q, k, _ = out.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
-        scores.append(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5)
-    return probs, scores
+from tests.models.toy_vit import assert_patch_boxes, every_gradient, hand_set, toy, unfused_attention
 
 
 def maws_by_hand(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -71,49 +31,6 @@ def fixed_selection(model: nn.Module, x: torch.Tensor, index: list[torch.Tensor]
         h = blk(h)
         parts.append(torch.stack([h[b, 1 + idx[b]] for b in range(len(h))]))
     return model.norm(model.blocks[-1](torch.cat([h[:, :1], *parts], dim=1)))[:, 0]
-
-
-def hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while len(h) < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
-
-
-def attend(triples: list[tuple[int, int, float]], tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token queries and keys (tokens, head_dim) whose raw score (q.k / sqrt(d)) is the given one
-    for each (query, key, score) and 0 for every other pair: each named key on a channel of its own."""
-    channel = {s: c for c, s in enumerate(sorted({s for _, s, _ in triples}))}
-    q, k = torch.zeros(tokens, head_dim), torch.zeros(tokens, head_dim)
-    for s, c in channel.items():
-        k[s, c] = 1.0
-    for t, s, score in triples:
-        q[t, channel[s]] = score * head_dim ** 0.5
-    return q, k
-
-
-def hand_set(backbone: Backbone, design: dict[int, dict[int, list[tuple[int, int, float]]]]) -> None:
-    """Blocks 0..L-2 pass their input through unchanged (attention and MLP outputs zeroed); token t
-    enters as x_t, a zero-mean +-1 row of a Hadamard matrix (LayerNorm leaves it as it is); block b,
-    head h gets the queries and keys of attend(design[b][h]), through W = Q^T X / D (the x_t are
-    orthogonal, |x_t|^2 = D), other heads none (uniform attention)."""
-    model = backbone.model
-    tokens, dim = model.pos_embed.shape[1:]
-    heads = model.blocks[0].attn.num_heads
-    d = dim // heads
-    x = hadamard(dim)[1:tokens + 1]
-    with torch.no_grad():
-        for t in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.cls_token):
-            t.zero_()
-        model.pos_embed.copy_(x[None])
-        for b, blk in enumerate(model.blocks[:-1]):
-            for t in (blk.attn.proj.weight, blk.attn.proj.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias,
-                      blk.attn.qkv.weight, blk.attn.qkv.bias):
-                t.zero_()
-            for h, triples in design.get(b, {}).items():
-                q, k = attend(triples, tokens, d)
-                blk.attn.qkv.weight[h * d:(h + 1) * d] = q.t() @ x / dim
-                blk.attn.qkv.weight[dim + h * d:dim + (h + 1) * d] = k.t() @ x / dim
 
 
 @pytest.mark.parametrize("num_token", [1, 3])
@@ -157,20 +74,14 @@ def test_the_fused_sequence_is_cls_and_each_blocks_own_tokens_and_gradients_flow
     out = method(backbone, x, y)
     assert set(out.losses) == {"ce"} and torch.allclose(out.losses["ce"], F.cross_entropy(out.logits, y))
     out.losses["ce"].backward()
-    params = list(itertools.chain(backbone.named_parameters(), method.named_parameters()))
-    for name, p in params:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    grads = [p.grad.clone() for _, p in params]
-    for _, p in params:
-        p.grad = None
+    grads = every_gradient(backbone, method)
     # With the same tokens given as constants, taken from each block's own output: the same logits
     # and the same gradient everywhere (the top-k adds no path of its own).
     index = list(out.extras["tokens"].split(2, dim=1))
     logits = method.head(fixed_selection(backbone.model, x, index))
     assert torch.allclose(logits, out.logits, atol=1e-5)
     F.cross_entropy(logits, y).backward()
-    for (name, p), g in zip(params, grads):
-        assert torch.allclose(p.grad, g, atol=1e-5), name
+    assert all(torch.allclose(g, again, atol=1e-5) for g, again in zip(grads, every_gradient(backbone, method)))
 
 
 def test_eval_gives_logits_without_losses_and_label_smoothing_reaches_ce():
@@ -198,13 +109,7 @@ def test_bf16_autocast_forward_and_backward():
 def test_extras_are_the_selected_patches_in_pixels():
     backbone = toy()
     method = FFVT(backbone, 3, num_token=3).eval()
-    extras = method(backbone, torch.randn(5, 3, 32, 32)).extras
-    tokens, boxes = extras["tokens"], extras["token_boxes"]
-    assert tokens.shape == (5, 6) and tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < 16
-    rows, cols = tokens // 4, tokens % 4
-    assert torch.equal(boxes, torch.stack([cols * 8, rows * 8, cols * 8 + 8, rows * 8 + 8], -1).float())
-    enclosing = torch.cat([boxes[..., :2].amin(1), boxes[..., 2:].amax(1)], -1)
-    assert extras["boxes"].shape == (5, 4) and torch.equal(extras["boxes"], enclosing)
+    assert_patch_boxes(method(backbone, torch.randn(5, 3, 32, 32)).extras, 5, 6)
 
 
 @pytest.mark.parametrize("settings,key", [({"num_token": 17}, "num_token=17"), ({"num_token": 0}, "num_token=0"),

@@ -3,8 +3,6 @@ loss on features with known cosines, gradient flow, and the overlapping patch em
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,36 +11,7 @@ from torch import nn
 from fgvr.models.backbone import Backbone
 from fgvr.models.methods.transfg import TransFG, contrastive_loss
 from fgvr.runtime.errors import ConfigError
-
-TOY = {"depth": 3, "embed_dim": 32, "num_heads": 2, "patch_size": 8}  # 32 px: a 4 x 4 grid, 17 tokens
-
-
-def toy(peaky: bool = True, **kwargs) -> Backbone:
-    """The 3-block toy ViT; `peaky` widens the q/k weights so that attention is far from uniform."""
-    torch.manual_seed(0)
-    backbone = Backbone("vit_tiny_patch16_224", kwargs={**TOY, **kwargs}, img_size=32)
-    if peaky:
-        for blk in backbone.model.blocks:
-            nn.init.normal_(blk.attn.qkv.weight, std=0.5)
-    return backbone
-
-
-def unfused_probs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each block's attention probabilities from timm's unfused path: the input of attn_drop."""
-    probs: list[torch.Tensor] = []
-    attns = [blk.attn for blk in model.blocks]
-    hooks = [a.attn_drop.register_forward_pre_hook(lambda m, inputs: probs.append(inputs[0].detach())) for a in attns]
-    fused = [a.fused_attn for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        with torch.no_grad():
-            model.forward_features(x)
-    finally:
-        for a, f, hook in zip(attns, fused, hooks):
-            a.fused_attn = f
-            hook.remove()
-    return probs
+from tests.models.toy_vit import assert_patch_boxes, every_gradient, hand_set, toy, unfused_attention
 
 
 def fixed_selection(method: TransFG, model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -55,55 +24,12 @@ def fixed_selection(method: TransFG, model: nn.Module, x: torch.Tensor, index: t
     return model.norm(model.blocks[-1](torch.cat([h[:, :1], parts], dim=1)))[:, 0]
 
 
-def hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while len(h) < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
-
-
-def attend(triples: list[tuple[int, int, float]], tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token queries and keys (tokens, head_dim) whose raw score (q.k / sqrt(d)) is the given one
-    for each (query, key, score) and 0 for every other pair: each named key on a channel of its own."""
-    channel = {s: c for c, s in enumerate(sorted({s for _, s, _ in triples}))}
-    q, k = torch.zeros(tokens, head_dim), torch.zeros(tokens, head_dim)
-    for s, c in channel.items():
-        k[s, c] = 1.0
-    for t, s, score in triples:
-        q[t, channel[s]] = score * head_dim ** 0.5
-    return q, k
-
-
-def hand_set(backbone: Backbone, design: dict[int, dict[int, list[tuple[int, int, float]]]]) -> None:
-    """Blocks 0..L-2 pass their input through unchanged (attention and MLP outputs zeroed); token t
-    enters as x_t, a zero-mean +-1 row of a Hadamard matrix (LayerNorm leaves it as it is); block b,
-    head h gets the queries and keys of attend(design[b][h]), through W = Q^T X / D (the x_t are
-    orthogonal, |x_t|^2 = D), other heads none (uniform attention)."""
-    model = backbone.model
-    tokens, dim = model.pos_embed.shape[1:]
-    heads = model.blocks[0].attn.num_heads
-    d = dim // heads
-    x = hadamard(dim)[1:tokens + 1]
-    with torch.no_grad():
-        for t in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.cls_token):
-            t.zero_()
-        model.pos_embed.copy_(x[None])
-        for b, blk in enumerate(model.blocks[:-1]):
-            for t in (blk.attn.proj.weight, blk.attn.proj.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias,
-                      blk.attn.qkv.weight, blk.attn.qkv.bias):
-                t.zero_()
-            for h, triples in design.get(b, {}).items():
-                q, k = attend(triples, tokens, d)
-                blk.attn.qkv.weight[h * d:(h + 1) * d] = q.t() @ x / dim
-                blk.attn.qkv.weight[dim + h * d:dim + (h + 1) * d] = k.t() @ x / dim
-
-
 def test_part_selection_is_the_argmax_of_the_full_attention_product():
     backbone = toy()
     method = TransFG(backbone, 5).eval()
     x = torch.randn(3, 3, 32, 32)
     tokens = method(backbone, x).extras["tokens"]
-    a0, a1, _ = unfused_probs(backbone.model, x)
+    a0, a1, _ = unfused_attention(backbone.model, x)[0]
     cls_row = (a1 @ a0)[:, :, 0, 1:]  # the full product, later block on the left; CLS row over the patches
     top2 = cls_row.topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-4  # a clear argmax per head
@@ -124,7 +50,7 @@ def test_part_selection_with_hand_set_attention():
     hand_set(backbone, design)
     method = TransFG(backbone, 5).eval()
     x = torch.randn(2, 3, 32, 32)
-    a0, a1, _ = unfused_probs(backbone.model, x)
+    a0, a1, _ = unfused_attention(backbone.model, x)[0]
     assert a1[:, 0, 0, m[0]].min() > 0.99 and a0[:, 1, m[1], j[1]].min() > 0.99  # the design holds
     assert method(backbone, x).extras["tokens"].tolist() == [[j[0] - 1, j[1] - 1]] * 2
 
@@ -168,20 +94,14 @@ def test_gradient_reaches_every_block_and_the_head_and_the_selection_carries_non
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 2])
     out = method(backbone, x, y)
     sum(out.losses.values()).backward()
-    params = list(itertools.chain(backbone.named_parameters(), method.named_parameters()))
-    for name, p in params:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    grads = [p.grad.clone() for _, p in params]
-    for _, p in params:
-        p.grad = None
+    grads = every_gradient(backbone, method)
     # With the same tokens given as constants, the loss and every gradient are the same: the argmax
     # adds no path of its own.
     feat = fixed_selection(method, backbone.model, x, out.extras["tokens"])
     logits = method.head(feat)
     assert torch.allclose(logits, out.logits, atol=1e-5)
     (method.ce(logits, y) + contrastive_loss(feat, y)).backward()
-    for (name, p), g in zip(params, grads):
-        assert torch.allclose(p.grad, g, atol=1e-5), name
+    assert all(torch.allclose(g, again, atol=1e-5) for g, again in zip(grads, every_gradient(backbone, method)))
 
 
 def test_bf16_autocast_forward_and_backward():
@@ -199,13 +119,7 @@ def test_bf16_autocast_forward_and_backward():
 def test_extras_are_the_selected_patches_in_pixels():
     backbone = toy()
     method = TransFG(backbone, 3).eval()
-    extras = method(backbone, torch.randn(5, 3, 32, 32)).extras
-    tokens, boxes = extras["tokens"], extras["token_boxes"]
-    assert tokens.shape == (5, 2) and tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < 16
-    rows, cols = tokens // 4, tokens % 4
-    assert torch.equal(boxes, torch.stack([cols * 8, rows * 8, cols * 8 + 8, rows * 8 + 8], -1).float())
-    enclosing = torch.cat([boxes[..., :2].amin(1), boxes[..., 2:].amax(1)], -1)
-    assert extras["boxes"].shape == (5, 4) and torch.equal(extras["boxes"], enclosing)
+    assert_patch_boxes(method(backbone, torch.randn(5, 3, 32, 32)).extras, 5, 2)
 
 
 def test_overlapping_patch_embedding():

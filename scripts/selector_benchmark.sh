@@ -8,7 +8,7 @@
 #   scripts/selector_benchmark.sh OUT_DIR [overrides for every run, the pretraining too...]
 # SEEDS (default 1,10,100) picks the seeds. The pretrained weights are made once (a few minutes)
 # into ${FGVR_CACHE_DIR:-~/.cache/fgvr}/pretrained/vit_micro_synth.safetensors and reused.
-# On 2 CPU cores the whole benchmark takes about an hour and a half.
+# On 2 CPU cores the whole benchmark takes about two hours.
 set -euo pipefail
 if [ $# -lt 1 ] || [[ $1 == *=* ]]; then
   echo "usage: $0 OUT_DIR [overrides...]  (e.g. $0 outputs/selector_benchmark trainer.device=cuda)" >&2

@@ -4,14 +4,22 @@ name, what they selected scored against the ground-truth boxes."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
+import signal
+from pathlib import Path
 
 import pytest
+import torch
 
 from fgvr.commands import viz
+from fgvr.engine import trainer
+from fgvr.runtime import checkpoint
 from fgvr.runtime.config import VizConfig
 from fgvr.runtime.errors import ConfigError
-from fgvr.runtime.tracker import read_events
+from fgvr.runtime.tracker import RunLogger, read_events
+from tests.conftest import TINY
 from tests.engine.test_trainer import watching_forwards
 
 CNN = ["backbone=resnet_micro"]
@@ -83,3 +91,142 @@ def test_viz_shows_the_selected_tokens_or_the_attention_and_crop(train_run, monk
         assert box[0] == min(t[0] for t in tokens) and box[2] == max(t[2] for t in tokens)
     else:  # CAL: its attention maps' mean as the heat map, and its crop
         assert tokens is None and crop_img is not None and scores is not None and scores.ndim == 2
+
+
+# --- Resume, compile, bench and eval for each method -------------------------------------------------------------
+
+# IELT's rates move from its first forward (update_warm=0), so its buffers differ from their initial values.
+STATEFUL = {**METHODS, "ielt": ["method.update_warm=0"]}
+# 2 steps an epoch (43 train images), 4 in all: stopped after the first, the resumed run crosses an epoch's end.
+RESUMED = ("trainer.epochs=2", "trainer.log_every=1", "trainer.deterministic=true", "data.synth.train_per_class=12")
+
+
+@contextlib.contextmanager
+def _no_cost_report():
+    """Runs without the cost report at their end (a CAL run's most expensive part here; the bf16 test checks it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "_cost", lambda session: None)
+        yield
+
+
+def _compose_train(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fgvr.runtime.config import config_dir, register_schemas
+
+    register_schemas()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return hydra_compose("train", overrides=[*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """name -> (results, run dir) of an uninterrupted 2-epoch run of that method, trained once per
+    module: the reference of the resume test and the run the eval test evaluates."""
+    from fgvr.runtime.tracker import RunInfo
+
+    runs: dict = {}
+
+    def get(name: str):
+        if name not in runs:
+            run = RunInfo(tmp_path_factory.mktemp(f"whole_{name}"), "test", choices={"method": name})
+            with _no_cost_report():
+                runs[name] = trainer.train(_compose_train(*RESUMED, f"method={name}", *STATEFUL[name]), run), run.dir
+        return runs[name]
+
+    return get
+
+
+def _stopped_at(train_run, monkeypatch, step: int, *overrides: str, run_dir: Path):
+    """A run that a SIGUSR2 stops at `step` (inside the loop, as the trainer's handler catches it)."""
+    log = RunLogger.log
+
+    def log_then_signal(self, **event):
+        log(self, **event)
+        if event.get("split") == "train" and event["step"] == step:
+            signal.raise_signal(signal.SIGUSR2)
+
+    monkeypatch.setattr(RunLogger, "log", log_then_signal)
+    try:
+        return train_run(*overrides, run_dir=run_dir)
+    finally:
+        monkeypatch.setattr(RunLogger, "log", log)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_run_stopped_mid_epoch_resumes_exactly(train_run, uninterrupted, monkeypatch, stray_signals,
+                                                        tmp_path, name):
+    """Stopped at step 1 of 4 and relaunched, a method's run ends where an uninterrupted one does:
+    CAL's class centres and IELT's rates and forward count are in last.pt and come back, and the
+    RNG state covers what the methods draw (CAL's random maps, crop and drop thresholds)."""
+    from fgvr.models.methods.ielt import initial_rates
+
+    args = (*RESUMED, f"method={name}", *STATEFUL[name])
+    whole, whole_dir = uninterrupted(name)
+    with _no_cost_report():
+        stopped, run_dir = _stopped_at(train_run, monkeypatch, 1, *args, run_dir=tmp_path / "cut")
+    assert stray_signals == []
+    assert stopped["status"] == "interrupted" and stopped["steps"] == 1 and whole["steps"] == 4
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+    if name == "cal":
+        assert saved["method.centres"].abs().sum() > 0  # moved from zero, and saved
+    if name == "ielt":
+        assert int(saved["method.steps"]) == 1  # one training forward a step
+        assert not torch.allclose(saved["method.select_rate"], initial_rates("v", 3))  # vit_micro: 4 blocks
+
+    with _no_cost_report():
+        resumed, _ = train_run(*args, run_dir=run_dir)
+    assert resumed["status"] == "finished"
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps", "token_hit", "crop_iou"):
+        assert resumed[key] == whole[key], key
+    strip = lambda events: [{k: v for k, v in e.items() if k != "img_per_s"} for e in events  # noqa: E731
+                            if "event" not in e]
+    assert strip(read_events(run_dir / "metrics.jsonl")) == strip(read_events(whole_dir / "metrics.jsonl"))
+    a, b = (checkpoint.load(d / "checkpoints" / "last.pt")["model"] for d in (whole_dir, run_dir))
+    assert a.keys() == b.keys()
+    for k in a:  # the weights and every buffer, the methods' own included
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_eval_of_a_method_run_reproduces_its_test_figures(uninterrupted, name):
+    from fgvr.commands.eval import evaluate_checkpoint
+    from fgvr.runtime.config import EvalConfig
+
+    results, run_dir = uninterrupted(name)
+    evaluated = evaluate_checkpoint(EvalConfig(ckpt=str(run_dir)))
+    assert evaluated == json.loads((run_dir / "eval_test.json").read_text())
+    assert evaluated["acc"] == pytest.approx(results["test_acc"]) and evaluated["epoch"] == 2
+    assert evaluated["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+    assert evaluated["crop_iou"] == pytest.approx(results["crop_iou"])
+    if name in TOKENS:
+        assert 0 <= evaluated["token_hit"] <= 100 and evaluated["token_hit"] == pytest.approx(results["token_hit"])
+    else:
+        assert "token_hit" not in evaluated and results["token_hit"] is None
+
+
+@pytest.mark.slow  # compiles each method's forward and backward (~20-60 s each on 2 cores)
+@pytest.mark.parametrize("name", METHODS)
+def test_a_compiled_method_trains_as_the_eager_one(train_run, tmp_path, name):
+    """trainer.compile=true: the method's forward (its selection, buffer updates and loss terms)
+    through torch.compile's graphs trains step by step to the losses, weights, buffers and test
+    figures of an eager run, up to float reassociation."""
+    from torch._dynamo.utils import counters
+
+    common = ["trainer.epochs=1", "trainer.deterministic=true", "trainer.log_every=1", f"method={name}",
+              *STATEFUL[name]]
+    eager, eager_dir = train_run(*common, run_dir=tmp_path / "eager")
+    counters.clear()
+    compiled, compiled_dir = train_run(*common, "trainer.compile=true", run_dir=tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] > 0 and compiled["compile_s"] > 0 and eager["compile_s"] is None
+    train = [[e for e in read_events(d / "metrics.jsonl") if e.get("split") == "train"] for d in (eager_dir, compiled_dir)]
+    assert len(train[0]) == 5
+    for key in [k for k in train[0][0] if k == "loss" or k.startswith("loss_")]:
+        assert [e[key] for e in train[1]] == pytest.approx([e[key] for e in train[0]], rel=1e-4, abs=1e-6), key
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
+    assert compiled["test_acc"] == eager["test_acc"] and compiled["token_hit"] == eager["token_hit"]
+    a, b = (checkpoint.load(d / "checkpoints" / "last.pt")["model"] for d in (eager_dir, compiled_dir))
+    assert a.keys() == b.keys()  # the compiled wrapper's names do not leak into the checkpoint
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k

@@ -90,7 +90,8 @@ def _measure(session: Session, cfg: DictConfig, b: DictConfig, choices: dict[str
     resident = [Batch(images, labels, truth, 0)] * session.accum_steps
     eval_images = images[torch.arange(session.loaders.test.batch_size, device=device) % bs]  # the loaders' batch
     out: dict = {
-        "backbone": cfg.backbone.name, **{g: choices.get(g, "none") for g in ("selector", "texture", "head")},
+        "backbone": cfg.backbone.name,
+        **{g: choices.get(g, "none") for g in ("method", "selector", "texture", "head")},
         "dataset": cfg.data.name, "img_size": cfg.data.img_size, "batch_size": bs,
         "accum_steps": session.accum_steps, "eval_batch_size": len(eval_images),
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
@@ -169,8 +170,9 @@ def _measure(session: Session, cfg: DictConfig, b: DictConfig, choices: dict[str
 
 
 def _rounded(value):
+    """4 decimals (1 from 10 up); 3 significant digits under 0.01, so a small stage's FLOPs stay visible."""
     if isinstance(value, float):
-        return round(value, 4 if abs(value) < 10 else 1)
+        return float(f"{value:.3g}") if abs(value) < 0.01 else round(value, 4 if abs(value) < 10 else 1)
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     return value
@@ -182,7 +184,8 @@ def format_table(r: dict) -> str:
     mfu = f"MFU {r['mfu_pct']:.1f} % of {r['peak_tflops']:g} TFLOP/s" if r["mfu_pct"] is not None else \
         "MFU n/a (no known peak: bench.peak_tflops=...)"
     lines = [
-        f"fgvr bench: {r['backbone']}, selector={r['selector']} texture={r['texture']} head={r['head']} | "
+        f"fgvr bench: {r['backbone']}, method={r['method']} selector={r['selector']} texture={r['texture']} "
+        f"head={r['head']} | "
         f"{r['dataset']}, {r['img_size']} px, batch {r['batch_size']}"
         f"{' x %d accumulated' % r['accum_steps'] if r['accum_steps'] > 1 else ''}, {r['precision']} on {r['device']} "
         f"({r['threads']} threads, "

@@ -90,7 +90,9 @@ def measure_cost(model: FGVRModel, images: torch.Tensor, labels: torch.Tensor, a
     (the second pass's input) and of the texture branch
     alone (its regions, filters and statistics, forward + backward, on the first pass's tokens).
     `truth`: the batch's ground-truth boxes (fractions of the image), for selector=oracle.
-    Leaves no gradients behind."""
+    Leaves no gradients behind. The model runs in eval mode (no state changes), so a method's FLOPs
+    and step are its test-time forward's: for CAL the raw and crop passes, not its training
+    forward's raw, crop and drop passes (about 1.5x the FLOPs)."""
     device = images.device
     autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
     truth = truth if truth is not None else images.new_full((len(images), 4), float("nan"), dtype=torch.float32)

@@ -20,6 +20,7 @@ from fgvr.runtime.config import VizConfig
 from fgvr.runtime.errors import ConfigError
 from fgvr.runtime.tracker import RunLogger, read_events
 from tests.conftest import TINY
+from tests.engine.test_bench import QUICK, STEP_KEYS
 from tests.engine.test_trainer import watching_forwards
 
 CNN = ["backbone=resnet_micro"]
@@ -168,7 +169,9 @@ def test_a_method_run_stopped_mid_epoch_resumes_exactly(train_run, uninterrupted
         stopped, run_dir = _stopped_at(train_run, monkeypatch, 1, *args, run_dir=tmp_path / "cut")
     assert stray_signals == []
     assert stopped["status"] == "interrupted" and stopped["steps"] == 1 and whole["steps"] == 4
-    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["position"]) == (0, 16)  # in the middle of the first epoch
+    saved = state["model"]
     if name == "cal":
         assert saved["method.centres"].abs().sum() > 0  # moved from zero, and saved
     if name == "ielt":
@@ -180,9 +183,9 @@ def test_a_method_run_stopped_mid_epoch_resumes_exactly(train_run, uninterrupted
     assert resumed["status"] == "finished"
     for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps", "token_hit", "crop_iou"):
         assert resumed[key] == whole[key], key
-    strip = lambda events: [{k: v for k, v in e.items() if k != "img_per_s"} for e in events  # noqa: E731
-                            if "event" not in e]
-    assert strip(read_events(run_dir / "metrics.jsonl")) == strip(read_events(whole_dir / "metrics.jsonl"))
+    logged = [[{k: v for k, v in e.items() if k != "img_per_s"} for e in read_events(d / "metrics.jsonl")
+               if "event" not in e] for d in (whole_dir, run_dir)]
+    assert logged[1] == logged[0]  # every train, val and test event, each loss term included
     a, b = (checkpoint.load(d / "checkpoints" / "last.pt")["model"] for d in (whole_dir, run_dir))
     assert a.keys() == b.keys()
     for k in a:  # the weights and every buffer, the methods' own included
@@ -206,27 +209,84 @@ def test_eval_of_a_method_run_reproduces_its_test_figures(uninterrupted, name):
         assert "token_hit" not in evaluated and results["token_hit"] is None
 
 
-@pytest.mark.slow  # compiles each method's forward and backward (~20-60 s each on 2 cores)
+# CAL's gradients are ill-conditioned in float32 (the signed square root of the pooled features, their
+# normalisation, the logits 100x that): eager's own differ from float64's by ~3 % at the first step, and
+# Adam carries any reassociation on from step 2 or 3. The others match as the plain model does.
+COMPILE_REL = {"transfg": 1e-4, "ffvt": 1e-4, "ielt": 1e-4, "cal": 2e-2}
+
+
+@pytest.mark.slow  # compiles each method's training step and its evaluation (15-75 s each on 2 cores)
 @pytest.mark.parametrize("name", METHODS)
 def test_a_compiled_method_trains_as_the_eager_one(train_run, tmp_path, name):
-    """trainer.compile=true: the method's forward (its selection, buffer updates and loss terms)
-    through torch.compile's graphs trains step by step to the losses, weights, buffers and test
-    figures of an eager run, up to float reassociation."""
+    """trainer.compile=true: a method's forward (its selection, buffer updates and loss terms) through
+    torch.compile's graphs trains step by step to the losses, weights, buffers and test figures of an
+    eager run, up to float reassociation. fallback_random: the compiled code draws CAL's random maps
+    and thresholds from torch's generator, as eager does, not from a stream of its own."""
     from torch._dynamo.utils import counters
 
     common = ["trainer.epochs=1", "trainer.deterministic=true", "trainer.log_every=1", f"method={name}",
               *STATEFUL[name]]
     eager, eager_dir = train_run(*common, run_dir=tmp_path / "eager")
     counters.clear()
-    compiled, compiled_dir = train_run(*common, "trainer.compile=true", run_dir=tmp_path / "compiled")
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, compiled_dir = train_run(*common, "trainer.compile=true", run_dir=tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] > 0 and compiled["compile_s"] > 0 and eager["compile_s"] is None
-    train = [[e for e in read_events(d / "metrics.jsonl") if e.get("split") == "train"] for d in (eager_dir, compiled_dir)]
-    assert len(train[0]) == 5
+    rel = COMPILE_REL[name]
+    train = [[e for e in read_events(d / "metrics.jsonl") if e.get("split") == "train"]
+             for d in (eager_dir, compiled_dir)]
+    assert len(train[0]) == len(train[1]) == 5
     for key in [k for k in train[0][0] if k == "loss" or k.startswith("loss_")]:
-        assert [e[key] for e in train[1]] == pytest.approx([e[key] for e in train[0]], rel=1e-4, abs=1e-6), key
-    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
-    assert compiled["test_acc"] == eager["test_acc"] and compiled["token_hit"] == eager["token_hit"]
+        first, then = ([e[key] for e in run] for run in train)
+        assert then[:2] == pytest.approx(first[:2], rel=1e-4), key  # the same draws: the same first steps
+        assert then == pytest.approx(first, rel=rel, abs=1e-6), key
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=rel)
+    assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=100 / 32 if name == "cal" else 0)  # an image
+    if name in TOKENS:
+        assert compiled["token_hit"] == pytest.approx(eager["token_hit"], abs=1e-6)
     a, b = (checkpoint.load(d / "checkpoints" / "last.pt")["model"] for d in (eager_dir, compiled_dir))
     assert a.keys() == b.keys()  # the compiled wrapper's names do not leak into the checkpoint
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+    for k in a:  # weights and buffers: CAL's centres, IELT's rates and its forward count among them
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4 if rel < 1e-3 else 5e-2), k
+
+
+@pytest.fixture
+def bench_method():
+    """`fgvr bench method=<name>`, in-process: bench.yaml composed as the command does (its schema
+    in place of train's, restored after), briefly (test_bench.py's QUICK settings, fewer steps)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fgvr.engine.bench import bench
+    from fgvr.runtime.config import config_dir, register_schemas
+
+    register_schemas(bench=True)
+
+    def _bench(name: str) -> dict:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose("bench", overrides=[*QUICK, "bench.steps=2", "bench.eval_steps=1", f"method={name}",
+                                                    *METHODS[name]])
+        return bench(cfg, {"method": name})  # Hydra's group choices, as `fgvr bench` passes them
+
+    yield _bench
+    register_schemas()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bench_times_each_methods_step(bench_method, capsys, name):
+    """`fgvr bench method=...`: the trainer's step of the method, timed and split, its stage FLOPs, and
+    the method named in bench.json and in the table."""
+    out = bench_method(name)
+    for key in ("train_img_per_s", "model_train_img_per_s", "eval_img_per_s", "model_eval_img_per_s",
+                "data_img_per_s", "train_tflops", "peak_mem_mb"):
+        assert out[key] > 0, key
+    steps = out["step_ms"]
+    assert set(steps) == STEP_KEYS and all(v >= 0 for v in steps.values())
+    assert steps["select_crop"] == 0 and out["select_crop_pct"] is None  # a method's selection is in its forward
+    split = sum(steps[k] for k in ("forward", "select_crop", "backward", "optimizer"))
+    assert split == pytest.approx(steps["model_step"], rel=0.01)
+    flops = out["gflops_per_image"]  # small stages keep 3 significant digits
+    assert flops["encoder"] > 0 and flops[STAGE[name]] > 0
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"), abs=1e-3)
+    table = capsys.readouterr().out
+    assert "train, whole loop" in table and "no results" not in table
+    assert out["method"] == name and f"method={name}" in table

@@ -251,8 +251,8 @@ def test_a_failed_job_is_one_line():
 @pytest.mark.slow
 def test_selector_benchmark_script(tmp_path):
     """scripts/selector_benchmark.sh on a miniature synth_parts (one seed, one batch a run), with
-    the pretrained weights already cached: every sweep runs and the table has the selector x
-    texture rows and a column per backbone."""
+    the pretrained weights already cached: every sweep runs and the table has a row per backbone and
+    selector, texture branch or method."""
     from fgvr.models.backbone import Backbone
     from fgvr.runtime.checkpoint import save_weights
 
@@ -267,13 +267,16 @@ def test_selector_benchmark_script(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "table.md").read_text().splitlines()
-    assert table[0] == ("| backbone_config / selector / texture | synth_parts | crop_iou | crop_hit | region_iou | "
-                        "train_img_per_s |")
-    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:20]]
+    assert table[0] == ("| backbone_config / method / selector / texture | synth_parts | crop_iou | crop_hit | token_hit "
+                        "| region_iou | train_img_per_s | cost.gflops_per_image.total |")
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:27]]
     selectors = ["none", "oracle (upper bound)", "random", "center", "glsim"]
     vit = [*selectors, "rollout"]
-    assert rows == ([f"vit_micro / {s} / none" for s in vit]  # sweep dirs in the order of their names' lengths
-                    + [f"resnet_micro / {s} / none" for s in selectors]
-                    + [f"vit_micro_synth / {s} / none" for s in vit] + ["resnet_micro / none / gabor"])
-    assert all(line.endswith("|") and "(1)" in line for line in table[2:20])
+    methods = ["transfg", "ffvt", "ielt"]
+    assert rows == ([f"resnet_micro / none / {s} / none" for s in selectors]  # sweep dirs in their names' order
+                    + ["resnet_micro / cal / none / none", "resnet_micro / none / none / gabor"]
+                    + [f"vit_micro / none / {s} / none" for s in vit] + [f"vit_micro / {m} / none / none" for m in methods]
+                    + [f"vit_micro_synth / none / {s} / none" for s in vit]
+                    + [f"vit_micro_synth / {m} / none / none" for m in methods])
+    assert all(line.endswith("|") and "(1)" in line for line in table[2:27])
     assert not (out / "synth_pretrain").exists()  # the cached weights were reused

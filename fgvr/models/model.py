@@ -80,8 +80,6 @@ class FGVRModel(nn.Module):
         extra = {"crop_cls"} if self.crop_cls is not None else set()
         if self.texture is not None:
             extra |= {f"texture.{n}" for n in self.texture.no_weight_decay()}
-        if self.method is not None:
-            extra |= {f"method.{n}" for n in self.method.no_weight_decay()}
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | extra
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,9 +45,6 @@ class Method(nn.Module):
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         counter = self.flop_counter

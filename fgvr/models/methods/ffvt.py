@@ -13,7 +13,7 @@ from torch import nn
 
 from fgvr.models.backbone import Backbone
 from fgvr.models.methods.base import Method, MethodOutput, enclosing_box, token_boxes
-from fgvr.models.methods.vit import Pass, check_vit, first_blocks, gather, last_block
+from fgvr.models.methods.vit import Pass, check_vit, first_blocks, gather, last_block, patch_layout
 from fgvr.runtime.errors import ConfigError
 
 
@@ -72,7 +72,6 @@ class FFVT(Method):
         logits = self.head(self.drop(feat))
         index = torch.cat(index, dim=1)  # (B, (L-1) num_token), block by block
         image_hw = tuple(x.shape[-2:])
-        patch = tuple(float(s) for s in model.patch_embed.patch_size)
-        boxes = token_boxes(index, tuple(model.patch_embed.dynamic_feat_size(image_hw)), patch, patch, image_hw)
+        boxes = token_boxes(index, *patch_layout(model, image_hw), image_hw)
         losses = {"ce": self.ce(logits, labels)} if labels is not None else {}
         return MethodOutput(logits, losses, {"tokens": index, "token_boxes": boxes, "boxes": enclosing_box(boxes)})

@@ -32,7 +32,7 @@ from torch import nn
 
 from fgvr.models.backbone import Backbone
 from fgvr.models.methods.base import Method, MethodOutput, enclosing_box, token_boxes
-from fgvr.models.methods.vit import check_vit, first_blocks, gather, last_block
+from fgvr.models.methods.vit import check_vit, first_blocks, gather, keeping_qk, last_block, patch_layout
 from fgvr.runtime.errors import ConfigError
 
 RATE_SHAPES = ("v", "uniform")
@@ -150,7 +150,7 @@ class IELT(Method):
         model = backbone.model
         p = first_blocks(model, x)
         image_hw = tuple(x.shape[-2:])
-        grid = tuple(model.patch_embed.dynamic_feat_size(image_hw))
+        grid, stride, patch = patch_layout(model, image_hw)
         patches = grid[0] * grid[1]
         if self.total > patches:
             raise ConfigError(f"method.total_num={self.total}: a {image_hw[0]}x{image_hw[1]} input has only "
@@ -175,8 +175,7 @@ class IELT(Method):
         part, complement = self.logits(key, refined[:, 0])
         kept = layer_index.flatten(1).index_select(1, order)  # (B, total) patches, block by block
         tokens = kept.gather(1, picks)
-        boxes = token_boxes(tokens, grid, self.stride(model), tuple(float(s) for s in model.patch_embed.patch_size),
-                            image_hw)
+        boxes = token_boxes(tokens, grid, stride, patch, image_hw)
         losses = self.losses(part, complement, labels) if labels is not None else {}
         extras = {"tokens": tokens, "token_boxes": boxes, "boxes": enclosing_box(boxes), "layer_tokens": kept}
         return MethodOutput(part, losses, extras)
@@ -201,16 +200,10 @@ class IELT(Method):
 
     def refined(self, tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The refinement block and its norm, with the block's q and k (detached) for the vote."""
-        taps: list[torch.Tensor] = []
-        keep = lambda module, inputs, output: taps.append(output.detach())
-        attn = self.refine.attn
-        hooks = [attn.q_norm.register_forward_hook(keep), attn.k_norm.register_forward_hook(keep)]
-        try:
+        with keeping_qk([self.refine]) as taps:
             out = self.refine_norm(self.refine(tokens))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return out, (taps[0], taps[1])
+        q, k = taps[0]
+        return out, (q, k)
 
     @torch.no_grad()
     def update(self, picks: torch.Tensor, counts: torch.Tensor) -> None:
@@ -235,9 +228,3 @@ class IELT(Method):
     def losses(self, part: torch.Tensor, complement: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self.loss_alpha
         return {"ce": (1 - a) * self.ce(part, labels), "complement": a * self.ce(complement, labels)}
-
-    @staticmethod
-    def stride(model: nn.Module) -> tuple[float, float]:
-        """Input pixels between neighbouring patches (the patch embedding's stride)."""
-        stride = getattr(getattr(model.patch_embed, "proj", None), "stride", model.patch_embed.patch_size)
-        return tuple(float(s) for s in stride)

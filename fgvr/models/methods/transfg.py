@@ -15,7 +15,7 @@ from torch import nn
 
 from fgvr.models.backbone import Backbone
 from fgvr.models.methods.base import Method, MethodOutput, enclosing_box, token_boxes
-from fgvr.models.methods.vit import Pass, check_vit, first_blocks, gather, last_block
+from fgvr.models.methods.vit import Pass, check_vit, first_blocks, gather, last_block, patch_layout
 from fgvr.runtime.errors import ConfigError
 
 
@@ -93,16 +93,8 @@ class TransFG(Method):
         if overlap_stride is not None:
             overlap_patch_embed(model, overlap_stride)
         self.contrastive_weight, self.margin = contrastive_weight, margin
-        self.patch = tuple(model.patch_embed.patch_size)
-        self.stride = (overlap_stride,) * 2 if overlap_stride is not None else self.patch
-        self.pad = bool(getattr(model.patch_embed, "dynamic_img_pad", False))
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.num_features, num_classes)
-
-    def grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """The patch grid of an input: the conv's output size (after timm's dynamic padding, if on)."""
-        sizes = [-(-s // p) * p if self.pad else s for s, p in zip(image_hw, self.patch)]
-        return tuple((s - p) // t + 1 for s, p, t in zip(sizes, self.patch, self.stride))
 
     def forward(self, backbone: Backbone, x: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         model = backbone.model
@@ -114,7 +106,7 @@ class TransFG(Method):
             feat = last_block(model, tokens)[:, 0]
         logits = self.head(self.drop(feat))
         image_hw = tuple(x.shape[-2:])
-        boxes = token_boxes(index, self.grid(image_hw), self.stride, self.patch, image_hw)
+        boxes = token_boxes(index, *patch_layout(model, image_hw), image_hw)
         losses = {}
         if labels is not None:
             losses["ce"] = self.ce(logits, labels)

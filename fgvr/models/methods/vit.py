@@ -8,6 +8,8 @@ raw attention scores on demand, without gradient (selection never needs one), in
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,29 +49,50 @@ class Pass:
         return self.scores(i).softmax(-1)
 
 
-def first_blocks(model: nn.Module, x: torch.Tensor) -> Pass:
-    """Normalised images -> embedding -> blocks 0..L-2, keeping each block's output and its q, k."""
-    blocks = model.blocks
-    taps: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) - 1)]
+@contextlib.contextmanager
+def keeping_qk(blocks: Sequence[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """While the context runs, hooks on each block's `q_norm` and `k_norm` keep its q and k
+    (detached): one list per block, [q, k] once the block has run."""
+    taps: list[list[torch.Tensor]] = [[] for _ in blocks]
     hooks = []
-    for i, blk in enumerate(blocks[:-1]):
-        keep = lambda module, inputs, output, store=taps[i]: store.append(output.detach())  # noqa: E731
+    for blk, store in zip(blocks, taps):
+        keep = lambda module, inputs, output, store=store: store.append(output.detach())  # noqa: E731
         hooks += [blk.attn.q_norm.register_forward_hook(keep), blk.attn.k_norm.register_forward_hook(keep)]
     try:
-        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        outputs = []
-        for blk in blocks[:-1]:
-            h = blk(h)
-            outputs.append(h)
+        yield taps
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def first_blocks(model: nn.Module, x: torch.Tensor) -> Pass:
+    """Normalised images -> embedding -> blocks 0..L-2, keeping each block's output and its q, k."""
+    blocks = model.blocks[:-1]
+    with keeping_qk(blocks) as taps:
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        outputs = []
+        for blk in blocks:
+            h = blk(h)
+            outputs.append(h)
     return Pass(h, outputs, model.num_prefix_tokens, blocks[0].attn.scale, [(q, k) for q, k in taps])
 
 
 def last_block(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The last block and the final norm on a sequence of the methods' choosing -> (B, T, D)."""
     return model.norm(model.blocks[-1](tokens))
+
+
+def patch_layout(model: nn.Module, image_hw: tuple[int, int]
+                 ) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
+    """(grid, stride, patch) of a timm ViT's patch embedding at an input size: the conv's own stride
+    (under the patch where TransFG makes the patches overlap), after timm's dynamic padding, if on."""
+    pe = model.patch_embed
+    patch = tuple(pe.patch_size)
+    proj = getattr(pe, "proj", None)
+    stride = tuple(proj.stride) if isinstance(proj, nn.Conv2d) else patch
+    sizes = [-(-s // p) * p if getattr(pe, "dynamic_img_pad", False) else s for s, p in zip(image_hw, patch)]
+    grid = tuple((s - p) // t + 1 for s, p, t in zip(sizes, patch, stride))
+    return grid, tuple(float(t) for t in stride), tuple(float(p) for p in patch)
 
 
 def gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

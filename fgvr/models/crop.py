@@ -44,6 +44,20 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int],
     return out[:, 0] if single else out
 
 
+def scale_boxes(boxes: torch.Tensor, width: float, height: float) -> torch.Tensor:
+    """(..., 4) x1 y1 x2 y2 boxes times (width, height, width, height): image fractions to pixels,
+    with Python scalars only (a tensor of the sizes would be a host-to-device copy on every call)."""
+    x, y = boxes[..., 0::2] * width, boxes[..., 1::2] * height
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def clip_boxes(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(..., 4) boxes with their corners clipped to at most (W, H, W, H), without a host tensor."""
+    h, w = image_hw
+    x, y = boxes[..., 0::2].clamp(max=w), boxes[..., 1::2].clamp(max=h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
 def _sample_points(start: torch.Tensor, end: torch.Tensor, n: int, align_corners: bool = False) -> torch.Tensor:
     """Pixel coordinates of n half-pixel-centred samples over [start, end), clamped inside it; with
     `align_corners`, n samples from the first pixel's centre to the last's."""

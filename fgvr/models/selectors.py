@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgvr.models.backbone import Backbone, Tokens
-from fgvr.models.crop import source_scale_of
+from fgvr.models.crop import clip_boxes, scale_boxes, source_scale_of
 from fgvr.runtime.errors import ConfigError
 
 BOX_ENDS = ("inclusive", "exclusive")
@@ -49,8 +49,7 @@ def topk_boxes(scores: torch.Tensor, grid_hw: tuple[int, int], stride_hw: tuple[
     else:
         r1, c1 = torch.where(r1 == r0, r1 + 1, r1), torch.where(c1 == c0, c1 + 1, c1)
     sy, sx = stride_hw
-    boxes = torch.stack([c0 * sx, r0 * sy, c1 * sx, r1 * sy], dim=-1).float()
-    return torch.minimum(boxes, boxes.new_tensor([image_hw[1], image_hw[0]] * 2))
+    return clip_boxes(torch.stack([c0 * sx, r0 * sy, c1 * sx, r1 * sy], dim=-1).float(), image_hw)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -175,9 +174,8 @@ class CenterSelector(GLSimSelector):
         glsim = super().forward(tokens, image_hw).boxes
         side = ((glsim[:, 2] - glsim[:, 0]) * (glsim[:, 3] - glsim[:, 1])).mean().sqrt()
         h, w = image_hw
-        half = torch.stack([side.clamp(max=w), side.clamp(max=h)]) / 2
-        centre = glsim.new_tensor([w / 2, h / 2])
-        box = torch.cat([centre - half, centre + half])
+        half_w, half_h = side.clamp(max=w) / 2, side.clamp(max=h) / 2
+        box = torch.stack([w / 2 - half_w, h / 2 - half_h, w / 2 + half_w, h / 2 + half_h])
         return Selection(box.expand(len(glsim), 4), None)
 
 
@@ -201,9 +199,10 @@ class OracleSelector(Selector):
             raise ConfigError("selector=oracle crops the ground-truth boxes, and none were given (only labelled "
                               "data with bounding boxes has them)")
         h, w = image_hw
-        boxes = truth.float() * truth.new_tensor([w, h, w, h], dtype=torch.float32)
-        whole = boxes.new_tensor([0, 0, w, h]).expand_as(boxes)
-        return Selection(torch.where(boxes.isfinite().all(-1, keepdim=True), boxes, whole), None)
+        truth = truth.float()
+        known = truth.isfinite().all(-1, keepdim=True)
+        fractions = torch.cat([torch.where(known, truth[:, :2], 0), torch.where(known, truth[:, 2:], 1)], dim=-1)
+        return Selection(scale_boxes(fractions, w, h), None)
 
 
 class RolloutSelector(Selector):

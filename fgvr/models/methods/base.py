@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgvr.models.backbone import Backbone
+from fgvr.models.crop import clip_boxes
 
 
 class MethodOutput(NamedTuple):
@@ -66,8 +67,7 @@ def token_boxes(index: torch.Tensor, grid_hw: tuple[int, int], stride_hw: tuple[
     w = grid_hw[1]
     rows, cols = (index // w).float(), (index % w).float()
     (sy, sx), (py, px) = stride_hw, patch_hw
-    boxes = torch.stack([cols * sx, rows * sy, cols * sx + px, rows * sy + py], dim=-1)
-    return torch.minimum(boxes, boxes.new_tensor([image_hw[1], image_hw[0]] * 2))
+    return clip_boxes(torch.stack([cols * sx, rows * sy, cols * sx + px, rows * sy + py], dim=-1), image_hw)
 
 
 def enclosing_box(boxes: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fgvr.models.backbone import Tokens
-from fgvr.models.crop import crop, source_scale_of
+from fgvr.models.crop import crop, scale_boxes, source_scale_of
 from fgvr.models.selectors import box_iou
 from fgvr.runtime.errors import ConfigError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey
+CPU_BLOCK = 2**20  # response values made and read at a time on the CPU (TextureEncoder.statistics)
 
 
 def w_max(kernel_size: int) -> float:
@@ -133,14 +134,33 @@ class GaborBank(nn.Module):
         k = k / k.square().sum((0, -2, -1), keepdim=True).sqrt().clamp(min=1e-8)
         return k.flatten(0, 1)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C, S, S) regions -> (R, C * N, h, w) response magnitudes (valid convolution, float32)."""
+    def forward(self, x: torch.Tensor, kernels: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, C, S, S) regions -> (R, C * N, h, w) response magnitudes (valid convolution, float32);
+        `kernels`: those of `kernels()`, when the caller made them once for several calls."""
         R, C = x.shape[:2]
         with torch.autocast(x.device.type, enabled=False):
-            out = F.conv2d(x.float().flatten(0, 1)[:, None], self.kernels(), stride=self.stride)
-            re, im = out.unflatten(1, (2, self.num_filters)).unbind(1)
-            mag = (re.square() + im.square() + 1e-8).sqrt()
+            out = F.conv2d(x.float().flatten(0, 1)[:, None], self.kernels() if kernels is None else kernels,
+                           stride=self.stride)
+            mag = Magnitude.apply(out)
         return mag.unflatten(0, (R, C)).flatten(1, 2)
+
+
+class Magnitude(torch.autograd.Function):
+    """(B, 2N, h, w) responses, the N real parts then the N imaginary ones -> (B, N, h, w)
+    sqrt(re^2 + im^2 + 1e-8): in place, with its derivative written out (autograd's chain of
+    squares, sum and root makes and reads several more maps of this size)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        re, im = out.chunk(2, dim=1)
+        mag = torch.mul(re, re).addcmul_(im, im).add_(1e-8).sqrt_()
+        ctx.save_for_backward(out, mag)
+        return mag
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out, mag = ctx.saved_tensors
+        return out * (grad / mag).repeat(1, 2, 1, 1)
 
 
 class SoftHistogram(nn.Module):
@@ -167,26 +187,65 @@ class SoftHistogram(nn.Module):
         t = torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1], torch.ones_like(t[:, :1])], dim=-1)
         return t
 
-    def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, maps: torch.Tensor, knots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, N, h, w) -> (levels, counts), both (R, N, M): the levels in the maps' units.
-
-        Each value lies between two neighbouring levels j and j + 1 and gives them 1 - f and f
-        (f its relative position between them), added up with two scatter_adds: the cost and
-        memory do not grow with M."""
+        `knots`: those of `knots()`, when the caller made them once for several calls."""
         with torch.autocast(maps.device.type, enabled=False):
-            maps = maps.float()
-            lo, hi = maps.amin((-2, -1), keepdim=True), maps.amax((-2, -1), keepdim=True)
-            u = ((maps - lo) / (hi - lo).clamp(min=1e-6)).flatten(2)  # (R, N, hw) in [0, 1]
-            t = self.knots()
-            j = torch.zeros_like(u, dtype=torch.long)
-            for inner in t[:, 1:-1].unbind(-1):  # the interval of each value: inner levels below it
-                j += u >= inner[:, None]
-            t = t.expand(len(u), -1, -1)
-            t0, t1 = t.gather(2, j), t.gather(2, j + 1)
-            f = ((u - t0) / (t1 - t0)).clamp(0, 1)
-            counts = torch.zeros_like(t).scatter_add(2, j, 1 - f).scatter_add(2, j + 1, f) / u.shape[-1]
-            levels = lo.flatten(1)[..., None] + t * (hi - lo).flatten(1)[..., None]
+            t = self.knots() if knots is None else knots
+            lo, hi, counts = SoftCounts.apply(maps.float().flatten(2), t)
+            levels = lo[..., None] + t * (hi - lo)[..., None]
         return levels, counts
+
+
+class SoftCounts(torch.autograd.Function):
+    """maps (R, N, P) and increasing levels knots (N, M) in [0, 1] (the first 0, the last 1) ->
+    each map's min and max (R, N) and its soft counts (R, N, M), as SoftHistogram defines them:
+    with u = (x - min) / max(max - min, 1e-6), a value in [t_k, t_k+1] gives 1 - f to level k
+    and f to k + 1, f = (u - t_k) / (t_k+1 - t_k).
+
+    So counts[m] = S[m-1] - S[m], where S[k] is the mean of the ramp clamp((u - t_k) / (t_k+1 -
+    t_k), 0, 1) (S[-1] = 1, S[M-1] = 0): M - 1 ramps made in place in one buffer, with no index
+    tensors, comparisons or scatters over the maps (that form, through autograd, made the Gabor
+    branch 10x its arithmetic on a CPU). The backward is written out from the same means and each
+    value's interval (the integer part of the sum of its ramps), so it reads the maps once more;
+    the gradients of the min and max go to their first occurrence, as torch.min(dim)'s do."""
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (lo, lo_at), (hi, hi_at) = maps.min(-1), maps.max(-1)
+        scale = (hi - lo).clamp(min=1e-6)
+        u = (maps - lo[..., None]).div_(scale[..., None])
+        inv = 1 / knots.diff(dim=-1)  # (N, M - 1)
+        offset = -knots[:, :-1] * inv
+        ramp, position = torch.empty_like(u), torch.zeros_like(u)
+        means = []
+        for k in range(inv.shape[-1]):
+            torch.addcmul(offset[:, k, None], u, inv[:, k, None], out=ramp).clamp_(0, 1)
+            means.append(ramp.mean(-1))
+            position += ramp  # k + f in interval k
+        S = torch.stack(means, dim=-1)  # (R, N, M - 1)
+        ctx.save_for_backward(position, S, knots, inv, lo_at, hi_at, hi - lo, scale)
+        return lo, hi, torch.cat([1 - S[..., :1], S[..., :-1] - S[..., 1:], S[..., -1:]], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_lo: torch.Tensor, grad_hi: torch.Tensor, grad: torch.Tensor):
+        position, S, knots, inv, lo_at, hi_at, span, scale = ctx.saved_tensors
+        P, intervals = position.shape[-1], inv.shape[-1]
+        g = (grad[..., 1:] - grad[..., :-1]) * inv  # P x d loss / d u, for a value in interval k
+        k = position.long().clamp_(max=intervals - 1)  # each value's interval
+        inside = torch.zeros_like(S).scatter_add_(-1, k, torch.ones_like(position)) / P  # share of values in k
+        f = S - (1 - inside.cumsum(-1))  # the mean over all values of f in k (0 outside it)
+        grad_knots = torch.zeros_like(grad)
+        grad_knots[..., :-1] += g * (f - inside)
+        grad_knots[..., 1:] -= g * f
+        # u = (x - lo) / scale: sum over the values of d loss / d u, and of it times u
+        du = (g * inside).sum(-1)
+        du_u = (g * (inside * knots[:, :-1] + f / inv)).sum(-1)
+        grad_scale = torch.where(span >= 1e-6, -du_u / scale, 0)  # max(span, 1e-6) passes no gradient below it
+        grad_maps = (g / (P * scale[..., None])).gather(-1, k)
+        grad_maps.scatter_add_(-1, lo_at[..., None], (grad_lo - du / scale - grad_scale)[..., None])
+        grad_maps.scatter_add_(-1, hi_at[..., None], (grad_hi + grad_scale)[..., None])
+        return grad_maps, grad_knots.sum(0)
 
 
 class TextureEncoder(nn.Module):
@@ -215,8 +274,20 @@ class TextureEncoder(nn.Module):
         return torch.stack([torch.cos(2 * p["theta"]), torch.sin(2 * p["theta"]), p["sigma_x"] / top,
                             p["sigma_y"] / top, p["freq"] / self.bank.w_max], dim=-1)
 
+    def statistics(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, C, S, S) -> each response's (levels, counts), (R, C*N, M) each. On the CPU the regions
+        go through in blocks whose responses hold about CPU_BLOCK values: a whole batch's (~100 MB)
+        would be fresh memory, page-faulted in by every op, and cost several times the arithmetic."""
+        kernels, knots = self.bank.kernels(), self.hist.knots()
+        block = len(regions)
+        if regions.device.type == "cpu":
+            h, w = (side // self.bank.stride for side in regions.shape[-2:])
+            block = max(1, CPU_BLOCK // (regions.shape[1] * self.bank.num_filters * h * w))
+        parts = [self.hist(self.bank(r, kernels), knots) for r in regions.split(block)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
-        levels, counts = self.hist(self.bank(regions))  # (R, C*N, M) each
+        levels, counts = self.statistics(regions)
         # Standardised per region over all filters and levels: the MLP sees how the filters'
         # responses differ from one another (contrast-invariant) at a scale of about 1, and the
         # counts centred; raw, both vary by a few hundredths and the branch starts slowly.
@@ -283,7 +354,7 @@ class RegionGate(nn.Module):
         """(P, h*w): each proposal's overlap with each cell, normalised to sum to 1."""
         (h, w), (sy, sx) = tokens.grid_hw, tokens.stride_hw
         H, W = image_hw
-        boxes = self.proposals * self.proposals.new_tensor([W, H, W, H])
+        boxes = scale_boxes(self.proposals, W, H)
         cx = torch.arange(w, device=boxes.device) * sx
         cy = torch.arange(h, device=boxes.device) * sy
         ox = (torch.minimum(boxes[:, 2:3], cx + sx) - torch.maximum(boxes[:, 0:1], cx)).clamp(min=0)  # (P, w)
@@ -305,7 +376,7 @@ class RegionGate(nn.Module):
         keep[:, 0] = True  # the best region always counts
         weights = s if self.gate == "soft" else 1 + s - s.detach()
         H, W = image_hw
-        boxes = self.proposals[idx] * self.proposals.new_tensor([W, H, W, H])
+        boxes = scale_boxes(self.proposals[idx], W, H)
         return Regions(boxes, weights * keep)
 
     def _nms_topk(self, scores: torch.Tensor) -> torch.Tensor:

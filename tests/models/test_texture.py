@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fgvr.engine.optim import param_groups
+from fgvr.models import texture
 from fgvr.models.backbone import Tokens
 from fgvr.models.crop import crop
 from fgvr.models.selectors import box_iou
@@ -14,6 +15,7 @@ from fgvr.models.texture import (
     GaborBank,
     GaborTexture,
     RegionGate,
+    SoftCounts,
     SoftHistogram,
     TextureEncoder,
     proposal_boxes,
@@ -123,6 +125,97 @@ def test_histogram_counts_sum_to_one_and_split_linearly():
     assert torch.allclose(counts.sum(-1), torch.ones(3, 5), atol=1e-5)
     (counts * torch.arange(8.0)).sum().backward()  # the histogram's mean level
     assert maps.grad.abs().sum() > 0 and hist.gaps.grad.abs().sum() > 0
+
+
+def gather_scatter_histogram(maps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft histogram as first written, for reference: each value's interval by comparisons,
+    its neighbouring levels gathered, its weights scattered to them (all through autograd)."""
+    lo, hi = maps.amin((-2, -1), keepdim=True), maps.amax((-2, -1), keepdim=True)
+    u = ((maps - lo) / (hi - lo).clamp(min=1e-6)).flatten(2)
+    j = torch.zeros_like(u, dtype=torch.long)
+    for inner in t[:, 1:-1].unbind(-1):
+        j += u >= inner[:, None]
+    t = t.expand(len(u), -1, -1)
+    t0, t1 = t.gather(2, j), t.gather(2, j + 1)
+    f = ((u - t0) / (t1 - t0)).clamp(0, 1)
+    counts = torch.zeros_like(t).scatter_add(2, j, 1 - f).scatter_add(2, j + 1, f) / u.shape[-1]
+    return lo.flatten(1)[..., None] + t * (hi - lo).flatten(1)[..., None], counts
+
+
+def test_histogram_equals_the_gather_scatter_form_and_its_gradients():
+    torch.manual_seed(0)
+    hist = SoftHistogram(6, levels=8)
+    with torch.no_grad():
+        hist.gaps.normal_()
+    maps = torch.randn(4, 6, 13, 11).exp().requires_grad_()
+    weights = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    outs, grads = [], []
+    for fn in (hist, lambda m: gather_scatter_histogram(m, hist.knots())):
+        levels, counts = fn(maps)
+        outs.append((levels, counts))
+        grads.append(torch.autograd.grad((levels * weights[0] + counts * weights[1]).sum(), (maps, hist.gaps)))
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    assert grads[0][1].abs().sum() > 0
+    flat = torch.full((1, 6, 5, 5), 0.7)  # hi == lo: every value at the lowest level
+    for a, b in zip(hist(flat), gather_scatter_histogram(flat, hist.knots())):
+        assert torch.allclose(a, b)
+
+
+def test_soft_counts_backward_is_the_derivative():
+    torch.manual_seed(0)
+    inner = torch.rand(3, 4, dtype=torch.float64).sort(-1).values.requires_grad_()  # the first level 0, the last 1
+    maps = torch.randn(2, 3, 40, dtype=torch.float64).requires_grad_()
+
+    def counts(maps, inner):
+        return SoftCounts.apply(maps, torch.cat([torch.zeros(3, 1), inner, torch.ones(3, 1)], -1))
+
+    assert torch.autograd.gradcheck(counts, (maps, inner))
+
+
+def test_encoder_equals_its_autograd_form_in_features_and_gabor_gradients(monkeypatch):
+    """The encoder against the same statistics through autograd (the magnitude as squares and a
+    root, the histogram in its gather-scatter form), on regions with flat areas (whose responses
+    tie at the minimum): the same features and gradients to theta, sigma, W and the levels."""
+    torch.manual_seed(0)
+    enc = TextureEncoder(24, num_filters=8, kernel_size=7)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    regions = torch.rand(6, 1, 32, 32)
+    regions[:2, :, :16] = 0.5
+
+    def autograd_statistics(regions):
+        out = torch.nn.functional.conv2d(regions, enc.bank.kernels(), stride=enc.bank.stride)
+        re, im = out.chunk(2, dim=1)
+        return gather_scatter_histogram((re.square() + im.square() + 1e-8).sqrt(), enc.hist.knots())
+
+    results = []
+    for statistics in (enc.statistics, autograd_statistics):
+        monkeypatch.setattr(enc, "statistics", statistics)
+        enc.zero_grad()
+        out = enc(regions)
+        out.square().sum().backward()
+        results.append([out] + [p.grad.clone() for p in (*enc.bank.parameters(), enc.hist.gaps)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+
+
+def test_encoder_in_blocks_equals_the_whole_batch_at_once(monkeypatch):
+    """On the CPU the responses go through in blocks: the features and the Gabor parameters'
+    gradients do not depend on the block size."""
+    torch.manual_seed(0)
+    enc = TextureEncoder(24, num_filters=8, kernel_size=7)
+    regions = torch.rand(7, 1, 32, 32)
+    results = []
+    for block in (1, 2**40):  # one region a block; all at once
+        monkeypatch.setattr(texture, "CPU_BLOCK", block)
+        enc.zero_grad()
+        out = enc(regions)
+        out.square().sum().backward()
+        results.append([out] + [getattr(enc.bank, n).grad.clone() for n in ("theta", "sigma_x", "sigma_y", "freq")])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_encoder_gives_one_feature_per_region_and_rgb_triples_the_maps():

@@ -27,8 +27,9 @@ def run_main(module, argv: list[str], monkeypatch, capsys) -> list[dict]:
 def test_bench_baselines_data_and_glsim(tmp_path, monkeypatch, capsys):
     bench = load_script("bench_baselines")
     monkeypatch.chdir(tmp_path)
-    rows = run_main(bench, ["data", "--size", "32", "--images", "10"], monkeypatch, capsys)
-    assert [r["pipeline"] for r in rows] == ["pil+torchvision", "fgvr", "fgvr cache=decoded"]
+    rows = run_main(bench, ["data", "--size", "32", "--images", "10", "--source", "120x90"], monkeypatch, capsys)
+    assert [r["pipeline"] for r in rows] == ["pil+torchvision", "fgvr, full decode", "fgvr", "fgvr cache=decoded"]
+    assert all(r["source"] == "120x90" for r in rows)
     assert all(r["images"] == 10 and r["img_per_s_per_core"] > 0 for r in rows) and rows[0]["x_pil"] == 1.0
     (row,) = run_main(bench, ["glsim", "--reps", "1", "backbone=vit_micro", "data.img_size=32", "data.batch_size=2"],
                       monkeypatch, capsys)
@@ -64,5 +65,6 @@ def test_zero_shot_localisation(tmp_path, monkeypatch, capsys):
 
 
 def test_every_python_script_is_tested():
-    tested = {"bench_baselines", "zero_shot_localisation", "model_cost"}  # model_cost: tests/test_cli.py
+    # model_cost: in tests/test_cli.py
+    tested = {"bench_baselines", "zero_shot_localisation", "model_cost"}
     assert {p.stem for p in (REPO / "scripts").glob("*.py")} == tested

@@ -3,8 +3,9 @@ uint8 array, so decoding, the costliest step of the data pipeline, leaves the tr
 
 A split's cache holds its images at the size the transforms resize to first (square, side
 round(round(data.img_size x source scale) x data.resize_ratio)), so the transforms start at their
-crop. The cache's name covers that size and every file's path, size and modification time: a
-changed data set or setting makes a new cache and never reads a stale one. It is built under a
+crop; a JPEG is decoded at reduced scale where that covers the side, as without the cache.
+The cache's name covers that size and every file's path, size and modification time: a changed
+data set or setting makes a new cache and never reads a stale one. It is built under a
 temporary name, renamed into place when complete, and by one process at a time (a file lock), so
 the ranks of a DDP run build it once."""
 
@@ -18,12 +19,11 @@ import shutil
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fgvr.data.image import load_image
+from fgvr.data.image import load_resized
 from fgvr.data.readers import Records
 from fgvr.runtime.errors import DataError
 from fgvr.runtime.files import atomic_dir
@@ -68,7 +68,7 @@ class DecodedImages:
 
 
 class _Decode(Dataset):
-    """File i -> (i, image resized to side x side, (w, h) of the original); (0, 0) if unreadable."""
+    """File i -> (i, image resized to side x side, (w, h) of its full decode); (0, 0) if unreadable."""
 
     def __init__(self, paths: np.ndarray, side: int, skip_bad: bool):
         self.paths, self.side, self.skip_bad = paths, side, skip_bad
@@ -78,20 +78,16 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = load_image(self.paths[i])
+            return i, *load_resized(self.paths[i], (self.side, self.side))
         except DataError:
             if not self.skip_bad:
                 raise
             return i, None, (0, 0)
-        h, w = image.shape[:2]
-        shrink = self.side < max(h, w)  # as the transforms' resize: areas averaged when shrinking
-        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        return i, cv2.resize(image, (self.side, self.side), interpolation=interpolation), (w, h)
 
 
 def cache_key(paths: np.ndarray, side: int) -> str:
     """A digest of the size and every file's path, size and modification time (missing files too)."""
-    digest = hashlib.sha1(f"decoded-v2 {side}\n".encode())  # v2: area-averaged shrinking
+    digest = hashlib.sha1(f"decoded-v3 {side}\n".encode())  # v2: area-averaged shrinking; v3: reduced JPEG decode
     for p in paths:
         try:
             st = os.stat(p)

@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fgvr.data.cache import DecodedImages, decoded_cache
 from fgvr.data.check import quick_check
-from fgvr.data.image import load_image
+from fgvr.data.image import load_image, load_resized
 from fgvr.data.readers import Records, read_splits
 from fgvr.data.transforms import eval_transform, to_chw_tensor, train_transform
 from fgvr.runtime.config import DataCache, DataConfig, DataFormat
@@ -36,21 +37,32 @@ class ImageDataset(Dataset):
     and a resumed epoch sees exactly the images an uninterrupted run would have seen.
 
     With `decoded` (data.cache=decoded) images come resized from the cache, and the transform
-    must be the one that starts after the resize (`resized=True`)."""
+    must be the one that starts after the resize (`resized=True`). Otherwise, when the transform
+    starts with a resize, each image is resized as it is decoded (the transform's resize then has
+    nothing left to do), a JPEG from libjpeg's reduced-scale decode where that still covers the
+    size: the same images up to resampling noise and the same boxes, for fewer pixels decoded.
+    `reduced=False` decodes in full and leaves the resize to the transform."""
 
     def __init__(self, records: Records, transform, seed: int = 0, skip_bad: bool = False,
-                 decoded: DecodedImages | None = None):
+                 decoded: DecodedImages | None = None, reduced: bool = True):
         self.records, self.transform, self.seed, self.skip_bad = records, transform, seed, skip_bad
         self.decoded = decoded
+        first = transform.transforms[0] if transform.transforms else None
+        resize = reduced and decoded is None and isinstance(first, A.Resize)
+        self.size = (first.width, first.height) if resize else None  # the resize done at decode
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The image and its box in its pixels."""
-        if self.decoded is None:
+        if self.decoded is not None:
+            image, scale = self.decoded[index]
+        elif self.size is not None:
+            image, (w, h) = load_resized(self.records.paths[index], self.size)
+            scale = np.array([self.size[0] / w, self.size[1] / h], np.float32)
+        else:
             return load_image(self.records.paths[index]), self.records.boxes[index]
-        image, scale = self.decoded[index]
         return image, self.records.boxes[index] * np.tile(scale, 2)
 
     def __getitem__(self, key):

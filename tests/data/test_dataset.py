@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.data.dataset import ImageDataset, build_loaders, check_files, collate, load_image, stratified_split
+from fgvr.data.dataset import ImageDataset, build_loaders, check_files, collate, stratified_split
+from fgvr.data.image import load_image
 from fgvr.data.readers import make_records
 from fgvr.data.transforms import eval_transform, train_transform
 from fgvr.runtime.config import AugmentConfig, DataConfig, DataFormat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -225,12 +226,24 @@ def require_boxes(model, loaders: Loaders, name: str) -> None:
                             "(synth, synth_parts, cub, nabirds, cars, aircraft, dogs, or a csv with box columns)")
 
 
+def init_worker(worker_id: int, yield_cores: bool) -> None:
+    """A loader worker's start: SLURM's signals handled (protect_worker) and, with `yield_cores`,
+    the lowest CPU priority (nice 19). A model on the CPU computes on every core; a worker the
+    scheduler puts beside its threads stalls them all (each parallel op waits for the thread the
+    worker displaced), costing the loop up to twice the worker's own time. At nice 19 workers run
+    on what the compute threads leave, and at full speed whenever the loop waits for a batch."""
+    protect_worker(worker_id)
+    if yield_cores:
+        os.nice(19)
+
+
 def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, scale: float = 1.0,
-                  rank: int = 0, world_size: int = 1) -> Loaders:
+                  rank: int = 0, world_size: int = 1, yield_cores: bool = False) -> Loaders:
     """Train / val / test loaders of one rank; `scale` > 1 delivers images that much larger than
     data.img_size (the same view at a higher resolution, for selector.crop_source=original).
     With data.cache=decoded the images come from a decoded cache of each official split (built
-    on first use)."""
+    on first use). `yield_cores`: the workers run at the lowest priority (see `init_worker`), for a
+    model on the CPU."""
     splits = read_splits(cfg, cache_dir)
     if cfg.check_counts:
         quick_check(DataFormat(cfg.format).value, cfg.root, splits, cfg.level, decode=not cfg.skip_bad)
@@ -247,7 +260,8 @@ def build_loaders(cfg: DataConfig, cache_dir: str, seed: int, pin_memory: bool, 
         side = round(size * cfg.resize_ratio)  # the transforms' first resize
         decoded = {split: decoded_cache(getattr(splits, split), side, cache_dir, split, workers, cfg.skip_bad)
                    for split in ("train", "test")}
-    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=protect_worker,
+    common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
+                  worker_init_fn=functools.partial(init_worker, yield_cores=yield_cores),
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def loader(name: str, train: bool) -> DataLoader | None:

@@ -114,7 +114,7 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batc
 
     dev = resolve_device(device)
     loaders = build_loaders(run_cfg.data, run_cfg.paths.cache_dir, run_cfg.seed, pin_memory=dev.type == "cuda",
-                            scale=source_scale(run_cfg))
+                            scale=source_scale(run_cfg), yield_cores=dev.type == "cpu")
     if loaders.classes != state["classes"]:
         raise DataError(f"data.root={run_cfg.data.root}: its classes differ from the {len(state['classes'])} "
                         f"the checkpoint was trained on; pass data_root= for the right data set")

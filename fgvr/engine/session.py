@@ -44,7 +44,8 @@ class Session:
         self.amp = autocast_dtype(t.precision, device)
         seed_everything(cfg.seed, t.deterministic)
         self.loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=device.type == "cuda",
-                                     scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size)
+                                     scale=source_scale(cfg), rank=dist.rank, world_size=dist.world_size,
+                                     yield_cores=device.type == "cpu")
         try:
             self._build(cfg, device, dist)
         except BaseException:

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -129,3 +131,17 @@ def test_shrinking_averages_detail_the_output_cannot_hold(theta):
     image = np.repeat(grey.round().astype(np.uint8)[..., None], 3, axis=-1)
     out = eval_transform(64, 1.0)(image=image, bboxes=np.zeros((0, 4), np.float32))["image"]
     assert out.std() < 20, out.std()
+
+
+@pytest.mark.parametrize("yield_cores", [True, False])
+def test_workers_yield_the_cores_to_a_model_on_the_cpu(cub_root, yield_cores):
+    """A model on the CPU computes on every core: its loaders' workers run at nice 19 (on a GPU,
+    where the workers are the CPU's main work, at the training process's own priority)."""
+    cfg = DataConfig(name="cub", format=DataFormat.cub, root=str(cub_root), check_counts=False, img_size=24,
+                     batch_size=4, num_workers=1)
+    with build_loaders(cfg, "unused", seed=0, pin_memory=False, yield_cores=yield_cores) as loaders:
+        for loader in (loaders.train, loaders.test):
+            batches = iter(loader)
+            next(batches)
+            worker = batches._workers[0].pid
+            assert os.getpriority(os.PRIO_PROCESS, worker) == (19 if yield_cores else os.nice(0))

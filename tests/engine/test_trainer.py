@@ -602,3 +602,13 @@ def test_runs_made_before_the_newer_options_evaluate_and_resume(train_run, tmp_p
     assert run.model.texture_scale == 2.0 and run.model.crop_scale == 2.0
     resumed, _ = train_run(*options, "trainer.epochs=2", run_dir=run_dir)
     assert resumed["status"] == "finished" and resumed["steps"] == 2 * first["steps"]
+
+
+def test_a_session_on_the_cpu_starts_its_loader_workers_at_the_lowest_priority(compose):
+    """The training process's compute threads take every core; its workers run on what they leave."""
+    from fgvr.engine.session import Session
+
+    with Session(compose(*TINY, "data.num_workers=1"), torch.device("cpu")) as session:
+        batches = iter(session.loaders.train)
+        next(batches)
+        assert os.getpriority(os.PRIO_PROCESS, batches._workers[0].pid) == 19

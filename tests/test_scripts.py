@@ -65,6 +65,6 @@ def test_zero_shot_localisation(tmp_path, monkeypatch, capsys):
 
 
 def test_every_python_script_is_tested():
-    # model_cost: in tests/test_cli.py
-    tested = {"bench_baselines", "zero_shot_localisation", "model_cost"}
+    # model_cost: in tests/test_cli.py; gpu_check: tests/test_gpu_check.py
+    tested = {"bench_baselines", "zero_shot_localisation", "model_cost", "gpu_check"}
     assert {p.stem for p in (REPO / "scripts").glob("*.py")} == tested

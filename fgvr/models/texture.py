@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fgvr.models.backbone import Tokens
 from fgvr.models.crop import crop, scale_boxes, source_scale_of
@@ -158,6 +159,7 @@ class Magnitude(torch.autograd.Function):
         return mag
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         out, mag = ctx.saved_tensors
         return out * (grad / mag).repeat(1, 2, 1, 1)
@@ -228,11 +230,12 @@ class SoftCounts(torch.autograd.Function):
         return lo, hi, torch.cat([1 - S[..., :1], S[..., :-1] - S[..., 1:], S[..., -1:]], dim=-1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_lo: torch.Tensor, grad_hi: torch.Tensor, grad: torch.Tensor):
         position, S, knots, inv, lo_at, hi_at, span, scale = ctx.saved_tensors
         P, intervals = position.shape[-1], inv.shape[-1]
         g = (grad[..., 1:] - grad[..., :-1]) * inv  # P x d loss / d u, for a value in interval k
-        k = position.long().clamp_(max=intervals - 1)  # each value's interval
+        k = position.long().clamp_(0, intervals - 1)  # each value's interval (a NaN's: any, its loss is NaN)
         inside = torch.zeros_like(S).scatter_add_(-1, k, torch.ones_like(position)) / P  # share of values in k
         f = S - (1 - inside.cumsum(-1))  # the mean over all values of f in k (0 outside it)
         grad_knots = torch.zeros_like(grad)
@@ -242,8 +245,11 @@ class SoftCounts(torch.autograd.Function):
         du = (g * inside).sum(-1)
         du_u = (g * (inside * knots[:, :-1] + f / inv)).sum(-1)
         grad_scale = torch.where(span >= 1e-6, -du_u / scale, 0)  # max(span, 1e-6) passes no gradient below it
-        grad_maps = (g / (P * scale[..., None])).gather(-1, k)
-        grad_maps.scatter_add_(-1, lo_at[..., None], (grad_lo - du / scale - grad_scale)[..., None])
+        # A flat map (all values its min) moves with its min: u stays 0, the values and the min's
+        # terms cancel value by value (as amin's gradient, shared among its ties, does).
+        varied = span > 0
+        grad_maps = (g * (varied / (P * scale))[..., None]).gather(-1, k)
+        grad_maps.scatter_add_(-1, lo_at[..., None], (grad_lo - du * varied / scale - grad_scale)[..., None])
         grad_maps.scatter_add_(-1, hi_at[..., None], (grad_hi + grad_scale)[..., None])
         return grad_maps, grad_knots.sum(0)
 

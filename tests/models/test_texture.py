@@ -157,9 +157,16 @@ def test_histogram_equals_the_gather_scatter_form_and_its_gradients():
     for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
     assert grads[0][1].abs().sum() > 0
-    flat = torch.full((1, 6, 5, 5), 0.7)  # hi == lo: every value at the lowest level
-    for a, b in zip(hist(flat), gather_scatter_histogram(flat, hist.knots())):
-        assert torch.allclose(a, b)
+    flat = torch.full((1, 6, 5, 5), 0.7, requires_grad=True)  # hi == lo: every value at the lowest level
+    outs, grads = [], []
+    for fn in (hist, lambda m: gather_scatter_histogram(m, hist.knots())):
+        levels, counts = fn(flat)
+        outs += [levels, counts]
+        grads.append(torch.autograd.grad((levels * weights[0][:1] + counts * weights[1][:1]).sum(), flat)[0])
+    assert torch.allclose(outs[0], outs[2]) and torch.allclose(outs[1], outs[3])
+    # the map moves with its min: the same gradient in all (amin shares it among the ties, min gives it to one)
+    assert torch.allclose(grads[0].sum((-2, -1)), grads[1].sum((-2, -1)), rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum((-2, -1)).allclose(grads[0].sum((-2, -1)).abs())  # no +-1e6 terms left to cancel
 
 
 def test_soft_counts_backward_is_the_derivative():

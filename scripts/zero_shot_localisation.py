@@ -26,7 +26,8 @@ def main(overrides: list[str]) -> None:
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     torch.manual_seed(cfg.seed)
-    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=False, scale=source_scale(cfg))
+    loaders = build_loaders(cfg.data, cfg.paths.cache_dir, cfg.seed, pin_memory=False, scale=source_scale(cfg),
+                            yield_cores=True)
     model = build_model(cfg, len(loaders.classes)).eval()
     if model.selector is None:
         raise SystemExit("zero_shot_localisation: choose a selector (selector=glsim, rollout, ...)")

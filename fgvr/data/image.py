@@ -49,13 +49,13 @@ def load_resized(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[in
     # [i s / scale, (i + 1) s / scale) of the reduced one: an area resize by that exact factor (not to
     # the reduced width, rounded up from w / scale), cut to `size`. Rows likewise.
     image = cv2.resize(image, None, fx=size[0] * scale / w, fy=size[1] * scale / h, interpolation=cv2.INTER_AREA)
-    return image[:size[1], :size[0]], (w, h)
+    return np.ascontiguousarray(image[:size[1], :size[0]]), (w, h)
 
 
 def decode(path: str, cover: tuple[int, int] | None = None) -> Decoded:
     """The image as load_image decodes it, but with `cover` (w, h) a JPEG at the smallest of
-    libjpeg's 1/8, 1/4 and 1/2 scales that leaves it at least that large (in full when none does;
-    other formats always). At scale 1/r libjpeg turns each r x r block of pixels into one (a
+    libjpeg's 1/8, 1/4 and 1/2 scales that leaves it at least that large before libjpeg rounds up
+    (w / r >= cover w, h / r >= cover h; in full when none does; other formats always). At scale 1/r libjpeg turns each r x r block of pixels into one (a
     partial block at the right or bottom edge too). Errors as load_image's."""
     try:
         data = Path(path).read_bytes()
@@ -69,8 +69,10 @@ def decode(path: str, cover: tuple[int, int] | None = None) -> Decoded:
     full = _jpeg_size(data) if cover is not None and data[:2] == _JPEG else None
     if full is not None:
         for scale, flags in _REDUCED.items():  # the largest reduction first
-            reduced = math.ceil(full[0] / scale), math.ceil(full[1] / scale)  # libjpeg rounds up
-            if reduced[0] >= cover[0] and reduced[1] >= cover[1]:
+            # Covered at the exact factor, so the resize after it only shrinks (area averaging on both
+            # axes: OpenCV's INTER_AREA averages only when neither axis grows).
+            if full[0] >= cover[0] * scale and full[1] >= cover[1] * scale:
+                reduced = math.ceil(full[0] / scale), math.ceil(full[1] / scale)  # libjpeg rounds up
                 image = _decode(path, data, flags)
                 if image.shape[1::-1] == reduced:  # else OpenCV read another EXIF orientation than Pillow
                     return Decoded(image, full, scale)

@@ -112,8 +112,8 @@ def test_decoded_cache_decodes_reduced_as_the_loader_does(csv_root, tmp_path):
     assert torch.allclose(a.boxes, b.boxes, atol=1e-6)
 
 
-@pytest.mark.parametrize("side,decoded", [(258, (500, 375)), (188, (250, 188)), (189, (500, 375)),
-                                          (94, (125, 94)), (40, (125, 94)), (376, (1000, 750)),
+@pytest.mark.parametrize("side,decoded", [(258, (500, 375)), (187, (250, 188)), (188, (500, 375)),
+                                          (93, (125, 94)), (94, (250, 188)), (40, (125, 94)), (376, (1000, 750)),
                                           (751, (1000, 750)), (None, (1000, 750))])
 def test_a_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_side(tmp_path, side, decoded):
     path = save(tmp_path / "photo.jpg", photo(1000, 750))
@@ -124,14 +124,15 @@ def test_a_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_side(tmp_path, 
 
 def test_decoded_sides_never_fall_below_the_side(tmp_path):
     """999 x 601: libjpeg rounds reduced sizes up (1/8: 125 x 76); every side gets the smallest
-    scale whose sides both reach it, and images smaller than the side come in full."""
+    scale whose exact sides (601 / 8 = 75.1) both reach it, so the resize after it only shrinks,
+    and images smaller than the side come in full."""
     path = save(tmp_path / "odd.jpg", photo(999, 601))
     for side in range(1, 700, 3):
         image, size, scale = decode(path, (side, side))
         h, w = image.shape[:2]
         assert size == (999, 601) and (w, h) == (math.ceil(999 / scale), math.ceil(601 / scale))
-        assert min(w, h) >= side or scale == 1, (side, w, h)
-        assert scale == 8 or math.ceil(601 / (2 * scale)) < side, (side, scale)  # no smaller scale covers it
+        assert 601 / scale >= side or scale == 1, (side, w, h)
+        assert scale == 8 or 601 / (2 * scale) < side, (side, scale)  # no smaller scale covers it
 
 
 def test_only_jpegs_are_reduced_and_modes_and_orientation_as_the_full_decode(tmp_path):

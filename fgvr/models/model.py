@@ -36,7 +36,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        return x.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)  # one new batch-sized tensor, not three
 
 
 class FGVRModel(nn.Module):

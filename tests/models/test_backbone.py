@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 from fgvr.engine.optim import param_groups
 from fgvr.models.backbone import Backbone
 from fgvr.models.heads import LinearHead
-from fgvr.models.model import FGVRModel
+from fgvr.models.model import FGVRModel, Normalize
 from fgvr.runtime.errors import ConfigError, FgvrError
 
 MICRO = dict(depth=2, embed_dim=48, num_heads=3, patch_size=8)
@@ -56,3 +56,13 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
             "head.fc.bias"} <= skipped
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_normalize_is_mean_std_of_the_pixels_and_leaves_its_input_alone():
+    norm = Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    assert torch.allclose(norm(images), expected, atol=1e-5)
+    floats = images.float()
+    assert torch.allclose(norm(floats), expected, atol=1e-5) and torch.equal(floats, images.float())

@@ -19,6 +19,8 @@ from fgvr.runtime.config import (
     BenchConfig,
     DataFormat,
     EvalConfig,
+    ExportConfig,
+    PredictConfig,
     TrainConfig,
     VizConfig,
     _section,
@@ -27,7 +29,8 @@ from fgvr.runtime.config import (
     target_arguments,
 )
 
-SCHEMAS = {"train": TrainConfig, "bench": BenchConfig, "eval": EvalConfig, "viz": VizConfig}  # top-level files
+SCHEMAS = {"train": TrainConfig, "bench": BenchConfig, "eval": EvalConfig, "viz": VizConfig,  # top-level files
+           "predict": PredictConfig, "export": ExportConfig}
 HYDRA_KEYS = ("defaults", "hydra")  # Hydra's own, not the schema's
 PACKAGE = Path(__file__).resolve().parents[1] / "fgvr"
 ABSENT = object()

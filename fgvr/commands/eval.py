@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from fgvr.engine.evaluate import check_split, checkpoint_path, evaluate, load_run, split_loader
-from fgvr.runtime.config import EvalConfig, check_values
+from fgvr.runtime.config import EvalConfig, Tta, check_values
 from fgvr.runtime.device import autocast_dtype
 from fgvr.runtime.errors import ConfigError
 from fgvr.runtime.rundir import RunDir
@@ -57,16 +57,18 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     check_split(cfg.split)
     out = output_path(checkpoint_path(cfg.ckpt), cfg.out, lambda run: run.eval_file(cfg.split), _is_evaluation)
     run = load_run(cfg.ckpt, cfg.device, cfg.data_root, cfg.batch_size, cfg.skip_bad)
+    tta = Tta(cfg.tta if cfg.tta is not None else run.cfg.eval.tta)
     with run.loaders:  # their workers end here, not at exit
         metrics = evaluate(run.model, split_loader(run, cfg.split), run.device,
-                           autocast_dtype(run.cfg.trainer.precision, run.device))
+                           autocast_dtype(run.cfg.trainer.precision, run.device), tta=tta)
     metrics["skipped"] += run.loaders.missing[cfg.split]  # and the files not found
     result = {"checkpoint": str(run.path), "split": cfg.split, "epoch": run.state["epoch"],
-              "step": run.state["step"], "data_root": run.cfg.data.root, **metrics}
+              "step": run.state["step"], "data_root": run.cfg.data.root, "tta": tta.value, **metrics}
     if out.exists():
         log.warning("replacing %s (an earlier evaluation)", out)
     write_json(out, result)
-    log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images%s | %s at epoch %d -> %s", cfg.split, metrics["acc"],
-             metrics["top5"], metrics["images"], f", {metrics['skipped']} skipped" if metrics["skipped"] else "",
+    log.info("%s acc %.2f%% (top-5 %.2f%%) on %d images%s%s | %s at epoch %d -> %s", cfg.split, metrics["acc"],
+             metrics["top5"], metrics["images"], " with tta=flip" if tta is Tta.flip else "",
+             f", {metrics['skipped']} skipped" if metrics["skipped"] else "",
              run.path, run.state["epoch"], out)
     return result

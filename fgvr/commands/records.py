@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fgvr.runtime.config import upgrade
+from fgvr.runtime.config import upgrade, with_defaults
 from fgvr.runtime.errors import DataError
 from fgvr.runtime.rundir import RunDir
 from fgvr.runtime.tracker import flatten, is_run_dir
@@ -32,8 +32,10 @@ class Record:
     ended: float | None = None
 
     def __post_init__(self) -> None:
-        if "selector" in self.results:  # fgvr's results; runs from before methods had none
+        if "selector" in self.results:  # fgvr's results; runs from before methods (or tta) had none
             self.results.setdefault("method", "none")
+            # How the test figures were made: a re-evaluation (resume=evaluate) may have changed it.
+            self.config["eval.tta"] = self.results.setdefault("tta", "none")
 
     def get(self, key: str) -> Any:
         """A results field (selector, dataset, test_acc, ...) or else a config key (data.img_size, ...)."""
@@ -70,7 +72,7 @@ def read_run_dir(path: Path) -> Record:
     config_file = run.config
     try:
         config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
-        config = flatten(upgrade(config), ".")  # an older fgvr's keys as today's
+        config = flatten(with_defaults(upgrade(config)), ".")  # an older fgvr's keys as today's, added ones at their defaults
     except Exception as e:  # yaml's and OmegaConf's errors
         raise DataError(f"{config_file}: not a readable config ({type(e).__name__}); restore or remove it") from None
     try:

@@ -26,7 +26,7 @@ class RunStatus:
     dir: Path
     status: str  # finished | failed | interrupted | no results
     overrides: str  # the run's own overrides, e.g. "selector=glsim seed=1"
-    detail: str  # test accuracy, the error, or where to look
+    detail: str  # best val and test accuracy, the error, or where to look
 
 
 def run_status(run_dir: Path) -> RunStatus:
@@ -41,7 +41,9 @@ def run_status(run_dir: Path) -> RunStatus:
         return RunStatus(run_dir, "no results", overrides, "still running, or it died before it could write "
                          "results.json: see its train.log and the sweep's .submitit/ logs")
     status = results.get("status", "no results")
-    detail = {"finished": f"test acc {results.get('test_acc', float('nan')):.2f} %",
+    val = results.get("best_val_acc")
+    detail = {"finished": (f"best val acc {val:.2f} % | " if val is not None else "")
+                          + f"test acc {results.get('test_acc', float('nan')):.2f} %",
               "interrupted": f"stopped by {results.get('signal')} at step {results.get('steps')}; resumes from "
                              "checkpoints/last.pt when relaunched"}.get(status, results.get("error", ""))
     return RunStatus(run_dir, status, overrides, detail)

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from fgvr.commands.records import Record
-from fgvr.runtime.config import upgrade
+from fgvr.runtime.config import upgrade, with_defaults
 from fgvr.runtime.errors import ConfigError, DataError, first_line
 from fgvr.runtime.tracker import flatten
 
@@ -45,7 +45,7 @@ def to_record(run: Any) -> Record:
     """A W&B run (config + summary) as the record its run dir would give."""
     summary = {k.replace("/", "."): v for k, v in flatten(dict(run.summary_metrics), ".").items()
                if not k.startswith("_")}  # W&B's own _step, _runtime, _wandb ...
-    config = flatten(upgrade(dict(run.config)), ".")  # wandb leaves its own _wandb out; an older fgvr's keys as today's
+    config = flatten(with_defaults(upgrade(dict(run.config))), ".")  # wandb leaves its own _wandb out; an older fgvr's keys as today's
     if run.state in ACTIVE:
         status = "running"
     else:  # without fgvr's status, the run died before its end: W&B's crashed, killed or failed

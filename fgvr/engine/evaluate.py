@@ -18,16 +18,32 @@ from fgvr.data.dataset import Loaders, build_loaders, require_boxes
 from fgvr.models.model import FGVRModel, build_model, settings, source_scale
 from fgvr.models.selectors import localisation, token_localisation
 from fgvr.runtime import checkpoint, distributed
-from fgvr.runtime.config import upgrade, with_defaults
+from fgvr.runtime.config import Tta, upgrade, with_defaults
 from fgvr.runtime.device import resolve_device, to_device
 from fgvr.runtime.distributed import Dist
 from fgvr.runtime.errors import ConfigError, DataError
 from fgvr.runtime.rundir import checkpoint_in
 
 
+def forward_tta(model: nn.Module, images: torch.Tensor, truth: torch.Tensor | None, tta: Tta | str = Tta.none
+                ) -> tuple[torch.Tensor, dict]:
+    """The model's (logits, extras) for evaluation. tta="flip": the logits are the mean of the
+    images' and of their mirror images' (the ground-truth boxes, as fractions, mirrored with them);
+    the extras (boxes, scores, tokens) stay those of the images as they are."""
+    logits, extras = model(images, truth)
+    if Tta(tta) is Tta.flip:
+        mirrored = None
+        if truth is not None:
+            x1, y1, x2, y2 = truth.unbind(-1)
+            mirrored = torch.stack([1 - x2, y1, 1 - x1, y2], -1)
+        logits = (logits + model(images.flip(-1), mirrored)[0]) / 2
+    return logits, extras
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None,
-             limit: int | None = None, channels_last: bool = False, dist: Dist = Dist()) -> dict[str, float]:
+             limit: int | None = None, channels_last: bool = False, dist: Dist = Dist(),
+             tta: Tta | str = Tta.none) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%), img/s, the images evaluated and those skipped as
     unreadable (data.skip_bad) and, on data with boxes, how well the model's
     regions localise: for a selector's crop (a method's crop, or the box around its tokens), the
@@ -35,7 +51,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     (`crop_hit`); for the texture branch's best region, the same as `region_iou` and
     `region_hit`; for a method's selected tokens, the % whose patch centre lies in the box
     (`token_hit`). Summed over all ranks' shards, so the
-    numbers are over the whole split. One host-device sync."""
+    numbers are over the whole split. `tta`: as forward_tta. One host-device sync."""
     model.eval()
     totals = torch.zeros(13, device=device)  # loss, top-1, top-5 sums, (IoU sum, hits, boxes) x 2, tokens x 2, images
     n, skipped, start = 0, 0, time.perf_counter()
@@ -45,7 +61,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
         images, labels = to_device(batch.images, batch.labels, device, channels_last)
         fractions = batch.boxes.to(device, non_blocking=True)  # the ground truth, as fractions of the image
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits, extras = model(images, fractions)
+            logits, extras = forward_tta(model, images, fractions, tta)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         truth = fractions * model.input_size
@@ -93,9 +109,8 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batch_size: int | None = None,
-             skip_bad: bool = False) -> LoadedRun:
-    """Rebuild a run's model (its EMA weights if it had them) and loaders from a checkpoint."""
+def load_config(ckpt: str) -> tuple[Path, dict, DictConfig]:
+    """(the checkpoint's path, its state, the run's config in today's keys) for rebuilding its model."""
     path = checkpoint_path(ckpt)
     state = checkpoint.load(path)
     run_cfg = OmegaConf.create(with_defaults(upgrade(state["config"])))  # an older fgvr's in today's keys
@@ -105,6 +120,23 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batc
     if texture.get("_target_") and "crop_source" not in texture and selector.get("_target_"):
         # Runs made before texture.crop_source: the branch cut its regions where the selector did.
         texture.crop_source, texture.source_scale = settings(selector, "crop_source", "source_scale")
+    return path, state, run_cfg
+
+
+def load_model(path: Path, state: dict, run_cfg: DictConfig, device: torch.device) -> FGVRModel:
+    """The run's model with its trained weights (its EMA weights if it had them), in eval mode on `device`."""
+    model = build_model(run_cfg, len(state["classes"])).to(device)
+    weights = state["model"]
+    if state.get("ema"):  # the run evaluated its EMA weights, and so does this
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    checkpoint.load_weights(model, weights, path, state["config"])
+    return model.eval()
+
+
+def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batch_size: int | None = None,
+             skip_bad: bool = False) -> LoadedRun:
+    """Rebuild a run's model (load_model) and loaders from a checkpoint."""
+    path, state, run_cfg = load_config(ckpt)
     if data_root is not None:
         run_cfg.data.root = data_root
     if batch_size is not None:
@@ -112,19 +144,15 @@ def load_run(ckpt: str, device: str = "auto", data_root: str | None = None, batc
     if skip_bad:
         run_cfg.data.skip_bad = True
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, "device")
     loaders = build_loaders(run_cfg.data, run_cfg.paths.cache_dir, run_cfg.seed, pin_memory=dev.type == "cuda",
                             scale=source_scale(run_cfg), yield_cores=dev.type == "cpu")
     if loaders.classes != state["classes"]:
         raise DataError(f"data.root={run_cfg.data.root}: its classes differ from the {len(state['classes'])} "
                         f"the checkpoint was trained on; pass data_root= for the right data set")
-    model = build_model(run_cfg, len(state["classes"])).to(dev)
+    model = load_model(path, state, run_cfg, dev)
     require_boxes(model, loaders, run_cfg.data.name)
-    weights = state["model"]
-    if state.get("ema"):  # the run evaluated its EMA weights, and so does this
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
-    checkpoint.load_weights(model, weights, path, state["config"])
-    return LoadedRun(path, state, run_cfg, model.eval(), loaders, dev)
+    return LoadedRun(path, state, run_cfg, model, loaders, dev)
 
 
 def check_split(split: str) -> None:

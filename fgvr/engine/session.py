@@ -14,13 +14,14 @@ from typing import Iterator
 
 import torch
 from omegaconf import DictConfig
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvr.data.dataset import Batch, build_loaders, require_boxes
 from fgvr.engine.evaluate import evaluate
 from fgvr.engine.optim import build_optimizer, build_scheduler, optimizer_step, scaled_lr
-from fgvr.models.model import build_model, source_scale
+from fgvr.models.model import build_model, mixes, source_scale
 from fgvr.runtime import checkpoint, distributed
 from fgvr.runtime.device import autocast_dtype, seed_everything, to_device
 from fgvr.runtime.distributed import Dist
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 class Session:
     """What one training process works with, built once from a composed train config: the loaders
     (this rank's shards), the model (channels_last for CNNs on CUDA, wrapped for DDP, compiled),
-    the optimiser with its LR schedule, the AMP scaler and autocast, the EMA, and the training step.
-    `fgvr train` loops over `epoch` and `step`; `fgvr bench` times the same `step`.
+    the optimiser with its LR schedule, the AMP scaler and autocast, the EMA, batch mixing
+    (mixup / cutmix) and the training step. `fgvr train` loops over `epoch` and `step`; `fgvr bench`
+    times the same `step`.
 
     Built in the same order on every rank: the same split, sample order and initial weights; then
     each rank seeds its own dropout and crops. `with Session(...)` ends the loaders' workers."""
@@ -69,6 +71,7 @@ class Session:
             raise ConfigError(f"trainer.accum_steps={t.accum_steps} is more than the {batches} batches of an epoch; "
                               "lower it or data.batch_size")
         self.accum_steps = t.accum_steps
+        self.mixup = build_mixup(cfg, self.num_classes, len(self.loaders.train.sampler))
         self.steps_per_epoch = batches // t.accum_steps
         self.step_batch = cfg.data.batch_size * dist.world_size * t.accum_steps  # images an optimiser step sees
         self.lr = scaled_lr(cfg.optim, self.step_batch, cfg.data.batch_size)
@@ -117,9 +120,10 @@ class Session:
 
     def step(self, batches: list[Batch], timer: StepTimer | None = None) -> dict[str, torch.Tensor]:
         """One optimiser step over `batches` (micro-batches whose gradients add up; under DDP they
-        are averaged over the ranks on the last one only): clip, step, schedule, EMA. Returns sums
-        over the batches' images, on the device, without a sync: "loss", "correct" and, for a
-        model with more than one loss term (a method's), each term as "loss_<name>"."""
+        are averaged over the ranks on the last one only): each batch mixed (mixup / cutmix, on the
+        device, before the forward), then clip, step, schedule, EMA. Returns sums over the batches'
+        images, on the device, without a sync: "loss", "correct" (against the labels, not the mix)
+        and, for a model with more than one loss term (a method's), each term as "loss_<name>"."""
         mark = timer.mark if timer is not None else lambda phase: None
         compiling = self.forward is not self.ddp and self.compile_s is None
         start = time.perf_counter()
@@ -128,10 +132,13 @@ class Session:
         for k, batch in enumerate(batches):
             images, labels = to_device(batch.images, batch.labels, self.device, self.channels_last)
             boxes = batch.boxes.to(self.device, non_blocking=True)  # ground truth, read by selector=oracle only
+            targets = labels
+            if self.mixup is not None and len(labels) % 2 == 0:  # not a batch data.skip_bad left odd
+                images, targets = self.mixup(images.float(), labels)  # the model normalises 0-255 floats too
             last = k == len(batches) - 1
             with self.ddp.no_sync() if self.dist.enabled and not last else contextlib.nullcontext():
                 with self.autocast():
-                    logits, extras = self.forward(images, boxes, labels)
+                    logits, extras = self.forward(images, boxes, targets)
                     terms = extras["losses"]
                     loss = sum(terms.values())
                 mark("forward")
@@ -156,8 +163,30 @@ class Session:
         return totals
 
     def evaluate(self, loader, limit: int | None = None) -> dict[str, float]:
-        """engine/evaluate.py's evaluation of the weights the run reports (the EMA ones with ema_decay)."""
-        return evaluate(self.eval_model, loader, self.device, self.amp, limit, self.channels_last, self.dist)
+        """engine/evaluate.py's evaluation of the weights the run reports (the EMA ones with ema_decay),
+        with the run's test-time augmentation (eval.tta)."""
+        return evaluate(self.eval_model, loader, self.device, self.amp, limit, self.channels_last, self.dist,
+                        self.cfg.eval.tta)
+
+
+def build_mixup(cfg: DictConfig, num_classes: int, train_images: int) -> Mixup | None:
+    """timm's Mixup from data.augment (None when it does not mix), one lambda per batch, each image
+    mixed with its mirror in the batch. Its targets are the mix of one-hot labels without smoothing:
+    the model's cross-entropy applies trainer.label_smoothing to them (F.cross_entropy's smoothing of
+    class probabilities is timm's smoothing of the mix, term for term), once, and the terms that read
+    the classes of an image (TransFG's contrastive loss) read the mix itself. `train_images`: this
+    process's training images an epoch, which make one batch when fewer than data.batch_size."""
+    augment = cfg.data.augment
+    if not mixes(augment):
+        return None
+    batch = min(cfg.data.batch_size, train_images)
+    if batch % 2:
+        why = f"data.batch_size={batch}: make it even" if batch == cfg.data.batch_size else \
+            f"this process's {train_images} training images make one batch: train on an even number"
+        raise ConfigError(f"data.augment.mixup/cutmix mix each image with another of its batch, which needs an even "
+                          f"batch; {why}")
+    return Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
+                 switch_prob=augment.mix_switch_prob, mode="batch", label_smoothing=0.0, num_classes=num_classes)
 
 
 def _steps(batches: Iterator[Batch], steps: int, accum_steps: int) -> Iterator[list[Batch]]:

@@ -33,7 +33,7 @@ from fgvr.engine.cost import measure_cost
 from fgvr.engine.progress import EpochProgress
 from fgvr.engine.session import Session
 from fgvr.runtime import checkpoint, distributed
-from fgvr.runtime.config import TrainConfig, check_values, resumable, upgrade
+from fgvr.runtime.config import TrainConfig, Tta, check_values, resumable, upgrade
 from fgvr.runtime.device import peak_mem_mb, resolve_device, to_device
 from fgvr.runtime.distributed import AnyRank
 from fgvr.runtime.errors import ConfigError, FgvrError, first_line
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # What a checkpoint needs beyond fgvr's checkpoint.REQUIRED to resume a run from it.
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "position", "best", "rng", "num_classes")
 # What resume=evaluate measures again; the rest of results.json stays as the training run wrote it.
-EVALUATED = ("test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
+EVALUATED = ("tta", "test_acc", "test_top5", "test_loss", "test_images", "eval_img_per_s", "crop_iou", "crop_hit",
              "region_iou", "region_hit", "token_hit",
              "cost", "cost_error", "backbone_weights", "backbone_weights_error")
 
@@ -403,7 +403,8 @@ def _results(session: Session, at: Position, test: dict, epochs: list[EpochStats
     seconds = sum(e.seconds for e in timed)
     return {
         "num_classes": session.num_classes, "best_val_acc": at.best["acc"] if at.best["epoch"] else None,
-        "best_epoch": at.best["epoch"], "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "best_epoch": at.best["epoch"], "tta": Tta(session.cfg.eval.tta).value,
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
         "train_img_per_s": sum(e.images for e in timed) / seconds if timed else None,
         "data_wait_pct": 100 * sum(e.data_wait_s for e in timed) / seconds if timed else None,
         "compile_s": session.compile_s, "eval_img_per_s": test["img_per_s"],

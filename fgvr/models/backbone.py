@@ -129,12 +129,18 @@ class Tokens(NamedTuple):
 
 class Backbone(nn.Module):
     """A timm model -> `Tokens` (forward_tokens), whose pooled feature is the CLS token (or timm's
-    pooling) for ViTs, global average pooling for CNNs. Made from the backbone config (`_target_`)."""
+    pooling) for ViTs, global average pooling for CNNs. Made from the backbone config (`_target_`).
+
+    `freeze` (backbone.freeze, a linear probe): the timm model's parameters take no gradient and it
+    stays in eval mode when the model trains (batch-norm statistics, dropout, drop path as loaded).
+    What the model or a method builds from it as a copy of its own (GLSim's separate crop CLS token,
+    IELT's refinement block) trains; what they run of it (TransFG's and FFVT's last block) does not."""
 
     def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
                  img_size: int | None = None, drop_path_rate: float = 0.0, kwargs: dict | None = None,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, freeze: bool = False):
         super().__init__()
+        self.frozen = freeze
         extra = dict(kwargs or {})
         if drop_path_rate:
             extra["drop_path_rate"] = drop_path_rate
@@ -149,6 +155,15 @@ class Backbone(nn.Module):
         self.has_cls_token = getattr(self.model, "cls_token", None) is not None
         data_cfg = timm.data.resolve_model_data_config(self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        if freeze:
+            self.model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        """nn.Module.train; a frozen backbone's model stays in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
 
     def no_weight_decay(self) -> set[str]:
         fn = getattr(self.model, "no_weight_decay", None)

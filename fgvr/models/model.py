@@ -42,7 +42,9 @@ class Normalize(nn.Module):
 class FGVRModel(nn.Module):
     """uint8 images -> (logits, extras). Normalisation runs here, on the device. Given `labels`
     (training), extras["losses"] holds the named loss terms whose sum is the training loss: the
-    cross-entropy ("ce", with `label_smoothing`), or the method's terms.
+    cross-entropy ("ce", with `label_smoothing`), or the method's terms. Labels are class indices
+    (B,), or class probabilities (B, C) for mixed images (data.augment.mixup / cutmix, which give the
+    images as 0-255 floats): the cross-entropy smooths either once.
 
     Images arrive at `input_size` (S), or `source_scale` times larger when the selector or the
     texture branch cuts its regions from the original resolution (`crop_source=original`); the
@@ -74,6 +76,7 @@ class FGVRModel(nn.Module):
         self.texture_antialias = crop_antialias(self.texture_scale * input_size, texture.region_size) \
             if texture is not None else 1
         separate = selector is not None and selector.crop_cls == "separate" and backbone.has_cls_token
+        # The model's own copy: it trains with a frozen backbone too (backbone.freeze), through the crop pass.
         self.crop_cls = nn.Parameter(backbone.model.cls_token.detach().clone()) if separate else None
 
     def no_weight_decay(self) -> set[str]:
@@ -162,6 +165,11 @@ class FGVRModel(nn.Module):
         return self.head(global_feat, crop_feat, texture_feat)
 
 
+def mixes(augment: DictConfig) -> bool:
+    """Whether data.augment mixes the images of a training batch (mixup or cutmix, with a chance)."""
+    return (augment.mixup > 0 or augment.cutmix > 0) and augment.mix_prob > 0
+
+
 def build_selector(cfg: DictConfig) -> Selector | None:
     return instantiate("selector", cfg.selector) if cfg.selector.get("_target_") else None
 
@@ -203,6 +211,9 @@ def build_method(cfg: DictConfig, backbone: Backbone, num_classes: int) -> Metho
         raise ConfigError(f"method={name}: needs a ViT backbone (attention maps); {cfg.backbone.name} is a CNN")
     if kind.needs_cnn and backbone.is_transformer:
         raise ConfigError(f"method={name}: needs a CNN backbone (a feature map); {cfg.backbone.name} is a ViT")
+    if kind.refuses_mixing and mixes(cfg.data.augment):
+        raise ConfigError(f"method={name} cannot train on mixed images: {kind.refuses_mixing}; set "
+                          "data.augment.mixup=0 data.augment.cutmix=0")
     return make(backbone=backbone, num_classes=num_classes, label_smoothing=cfg.trainer.label_smoothing)
 
 

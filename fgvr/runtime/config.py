@@ -121,6 +121,22 @@ class DataCache(Enum):
     decoded = "decoded"  # decode and resize once into a memory-mapped uint8 array under paths.cache_dir
 
 
+class Tta(Enum):
+    none = "none"
+    flip = "flip"  # the mean of the logits of the images and of their mirror images
+
+
+class PredictFormat(Enum):
+    csv = "csv"
+    jsonl = "jsonl"  # JSON lines: one object per image
+
+
+class ExportFormat(Enum):
+    onnx = "onnx"  # checked with onnxruntime
+    torchscript = "torchscript"  # torch.jit, loadable without fgvr
+    exported = "exported"  # torch.export's ExportedProgram (.pt2)
+
+
 class LrScale(Enum):
     none = "none"  # optim.lr as given, whatever the batch of a step
     linear = "linear"  # x (step batch / optim.lr_batch_size)
@@ -135,6 +151,9 @@ class BackboneConfig:
     checkpoint: Optional[str] = None  # local weights file; implies pretrained
     drop_path_rate: float = bounded(0.0, 0, 1, high_open=True)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments
+    # A linear probe: the backbone's weights stay as loaded (and its norms in eval mode); only the
+    # head, the aggregator and the region method's own modules train.
+    freeze: bool = False
 
 
 @dataclass
@@ -142,6 +161,11 @@ class AugmentConfig:
     hflip: bool = True
     trivial_augment: bool = False
     random_erasing: float = bounded(0.0, 0, 1)  # probability
+    # Batch mixing through timm's Mixup (its targets carry trainer.label_smoothing); 0: off.
+    mixup: float = bounded(0.0, 0)  # mixup's Beta(alpha, alpha)
+    cutmix: float = bounded(0.0, 0)  # cutmix's Beta(alpha, alpha)
+    mix_prob: float = bounded(1.0, 0, 1)  # of mixing a batch at all
+    mix_switch_prob: float = bounded(0.5, 0, 1)  # of cutmix instead of mixup when both are on
 
 
 class SynthKind(Enum):
@@ -239,6 +263,13 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalSettings:
+    """How val and test are evaluated during and after training."""
+
+    tta: Tta = setting(Tta.none, resumable=True)  # resume=evaluate may evaluate again with another
+
+
+@dataclass
 class LoggerConfig:
     """Where the run's events go besides its run dir: `_target_` (logger=wandb:
     fgvr.runtime.tracker.init_wandb) is called with the run dir and the keys below; null: nowhere."""
@@ -270,6 +301,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     logger: LoggerConfig = setting(factory=LoggerConfig, neutral=True)
     selector: Any = None
     texture: Any = None
@@ -300,6 +332,7 @@ class EvalConfig:
     data_root: Optional[str] = None  # where the data lives now, if it moved
     skip_bad: bool = False  # skip (and count) unreadable images instead of stopping at the first
     out: Optional[str] = None  # the JSON file to write; default: <run dir>/eval_<split>.json
+    tta: Optional[Tta] = None  # default: the run's eval.tta
 
 
 @dataclass
@@ -311,6 +344,30 @@ class VizConfig:
     device: str = "auto"
     data_root: Optional[str] = None  # where the data lives now, if it moved
     skip_bad: bool = False  # skip unreadable images instead of stopping at the first
+    cam: str = "none"  # none | gradcam | gradcam++ | finercam (pytorch-grad-cam), beside the method's own map
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING  # a run dir or a .pt file
+    input: str = MISSING  # an image, a folder of images (searched recursively) or a CSV with a path column
+    out: Optional[str] = None  # default: predictions.<format> in the current directory
+    format: PredictFormat = PredictFormat.csv
+    top_k: Optional[int] = bounded(None, 1)  # default: 5, or the class count if fewer
+    batch_size: Optional[int] = bounded(None, 1)  # default: the run's data.eval_batch_size
+    num_workers: Optional[int] = bounded(None, 0)  # default: the run's data.num_workers
+    tta: Optional[Tta] = None  # default: the run's eval.tta
+    device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING  # a run dir or a .pt file
+    format: ExportFormat = ExportFormat.onnx
+    out: Optional[str] = None  # default: <run dir>/export/model.{onnx,ts,pt2}
+    batch_size: int = bounded(2, 1)  # of the check against PyTorch (the exported batch size is dynamic)
+    tolerance: float = bounded(1e-3, 0, low_open=True)  # the largest |logit difference| the check accepts
+    opset: Optional[int] = bounded(None, 7)  # ONNX opset; default: the exporter's
 
 
 def register_schemas(bench: bool = False) -> None:
@@ -322,6 +379,8 @@ def register_schemas(bench: bool = False) -> None:
     cs.store(name="fgvr_train", node=BenchConfig if bench else TrainConfig)
     cs.store(name="fgvr_eval", node=EvalConfig)
     cs.store(name="fgvr_viz", node=VizConfig)
+    cs.store(name="fgvr_predict", node=PredictConfig)
+    cs.store(name="fgvr_export", node=ExportConfig)
 
 
 def neutral(key: str) -> bool:

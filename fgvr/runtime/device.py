@@ -14,12 +14,16 @@ from fgvr.runtime.config import Precision
 from fgvr.runtime.errors import ConfigError
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
+    """`spec` (auto | cpu | cuda | cuda:N) as a device; `key` names the setting in errors."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"{key}={spec}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={spec}: CUDA is not available here; use trainer.device=cpu or auto")
+        raise ConfigError(f"{key}={spec}: CUDA is not available here; use {key}=cpu or auto")
     return device
 
 

@@ -262,6 +262,11 @@ CASES = {
     "precision=bf16": ["trainer.precision=bf16", "selector=glsim", *GABOR, "trainer.grad_clip=1.0"],
     "precision=bf16 method=ielt": ["trainer.precision=bf16", "method=ielt"],
     "optim=sgd": ["optim=sgd", "selector=glsim"],
+    "mixup cutmix": ["data.augment.mixup=0.8", "data.augment.cutmix=1.0", "selector=glsim",
+                     "trainer.label_smoothing=0.1"],
+    "cutmix method=transfg": ["data.augment.cutmix=1.0", "method=transfg"],
+    "mixup method=ielt": ["data.augment.mixup=0.8", "method=ielt", "method.update_warm=0"],
+    "backbone.freeze selector=glsim": ["backbone.freeze=true", "selector=glsim"],
 }
 
 

@@ -66,3 +66,19 @@ def test_normalize_is_mean_std_of_the_pixels_and_leaves_its_input_alone():
     assert torch.allclose(norm(images), expected, atol=1e-5)
     floats = images.float()
     assert torch.allclose(norm(floats), expected, atol=1e-5) and torch.equal(floats, images.float())
+
+
+def test_a_frozen_backbone_takes_no_gradient_stays_in_eval_mode_and_is_left_out_of_the_optimiser():
+    """backbone.freeze=true: train() leaves the timm model in eval mode (batch-norm statistics as
+    loaded), its parameters take no gradient, and param_groups holds only the head's."""
+    model = FGVRModel(Backbone("test_resnet", freeze=True), LinearHead(96, 3)).train()
+    backbone = model.backbone.model
+    assert not any(p.requires_grad for p in backbone.parameters()) and not any(m.training for m in backbone.modules())
+    assert model.training and model.head.training
+    stats = backbone.bn1.running_mean.clone()
+    _, extras = model(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), labels=torch.tensor([0, 2]))
+    extras["losses"]["ce"].backward()
+    assert torch.equal(backbone.bn1.running_mean, stats) and all(p.grad is None for p in backbone.parameters())
+    held = [p for group in param_groups(model, 0.05) for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.head.parameters()} and len(held) == 2
+    assert all(p.requires_grad for p in Backbone("test_resnet").parameters())  # not frozen by default

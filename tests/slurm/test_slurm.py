@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fgvr.runtime.tracker import read_events
 from tests.conftest import FGVR, TINY
@@ -105,3 +106,18 @@ def test_two_tasks_train_one_ddp_run(slurm, tmp_path):
     assert len([e for e in read_events(run_dir / "metrics.jsonl") if e.get("split") == "test"]) == 1
     log = (run_dir / "train.log").read_text()
     assert "test acc" in log and "[rank 1]" not in log
+
+
+def test_an_optuna_study_launches_its_trials_as_array_jobs(slurm, tmp_path):
+    """+hparams_search=optuna with n_jobs=2: each batch of trials is one array job; the study's best
+    trial is the one with the highest best_val_acc."""
+    sweep_dir = tmp_path / "sweep"
+    out = sweep("+hparams_search=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = [results(sweep_dir / str(i)) for i in range(4)]
+    assert [r["status"] for r in runs] == ["finished"] * 4
+    arrays = [r["slurm_job_id"].split("_")[0] for r in runs]
+    assert arrays[0] == arrays[1] != arrays[2] == arrays[3]  # two batches, one array job each
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(r["best_val_acc"] for r in runs)

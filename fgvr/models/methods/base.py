@@ -28,11 +28,15 @@ class MethodOutput(NamedTuple):
 class Method(nn.Module):
     """Base of the method modules. `ce` is the cross-entropy with the run's label smoothing;
     `stage(name)` marks a part of the forward whose FLOPs `fgvr`'s cost report lists apart
-    (`flop_counter` is set only while it counts)."""
+    (`flop_counter` is set only while it counts).
+
+    The labels of `forward` are class indices (B,), or class probabilities (B, C) in a run that
+    mixes images (data.augment.mixup / cutmix): each image's mix of classes, without smoothing."""
 
     name = "method"
     needs_transformer = False  # reads attention: a timm ViT only
     needs_cnn = False  # reads a CNN's feature map
+    refuses_mixing: str | None = None  # why the method cannot learn from mixed images, if it cannot
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
@@ -44,6 +48,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on class indices or class probabilities, smoothed once, here."""
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     @contextlib.contextmanager

@@ -123,6 +123,8 @@ class CAL(Method):
 
     name = "cal"
     needs_cnn = True
+    refuses_mixing = ("its feature-centre loss pulls each image's part feature to the centre of its class and moves "
+                      "that centre, and a mixed image has no one class")
 
     def __init__(self, backbone: Backbone, num_classes: int, label_smoothing: float = 0.0, *, num_maps: int = 32,
                  beta: float = 0.05, tta: bool = False):

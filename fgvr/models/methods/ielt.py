@@ -108,9 +108,10 @@ class IELT(Method):
     loss_alpha: weight of the complement loss (0.4).
 
     The refinement block and its norm start as copies of the backbone's last block and final norm
-    (their pretrained weights); the head is zero-initialised, as the reference's. Prefix tokens
-    (CLS, and registers where a ViT has them) lead both sequences. The rates and the forward count
-    are buffers: DDP broadcasts rank 0's at every forward, so its batches drive the update."""
+    (their pretrained weights), and train with a frozen backbone too (backbone.freeze); the head is
+    zero-initialised, as the reference's. Prefix tokens (CLS, and registers where a ViT has them)
+    lead both sequences. The rates and the forward count are buffers: DDP broadcasts rank 0's at
+    every forward, so its batches drive the update."""
 
     name = "ielt"
     needs_transformer = True
@@ -137,8 +138,8 @@ class IELT(Method):
         self.vote_k = vote_k
         self.dynamic_select, self.update_rate, self.update_warm = dynamic_select, update_rate, update_warm
         self.loss_alpha = loss_alpha
-        self.refine = copy.deepcopy(model.blocks[-1])
-        self.refine_norm = copy.deepcopy(model.norm)
+        self.refine = copy.deepcopy(model.blocks[-1]).requires_grad_(True)
+        self.refine_norm = copy.deepcopy(model.norm).requires_grad_(True)
         self.head = nn.Linear(backbone.num_features, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

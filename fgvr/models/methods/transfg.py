@@ -34,11 +34,18 @@ def part_select(p: Pass) -> torch.Tensor:
 
 def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.4) -> torch.Tensor:
     """TransFG's contrastive term on (B, D) features: over all B x B pairs of L2-normalised features,
-    1 - cos for same-label pairs, max(cos - margin, 0) for the others, summed and divided by B^2."""
+    1 - cos for same-label pairs, max(cos - margin, 0) for the others, summed and divided by B^2.
+
+    With class probabilities (B, C) for labels (mixed images), a pair is the same class with the
+    probability that labels drawn from the two are (p_i . p_j; an image is always its own class):
+    the hard term's expectation over such draws, and the hard term itself for one-hot rows."""
     z = F.normalize(features.float(), dim=-1)
     cos = z @ z.t()
-    same = labels[:, None] == labels[None, :]
-    return torch.where(same, 1 - cos, (cos - margin).clamp(min=0)).sum() / len(z) ** 2
+    if labels.is_floating_point():
+        same = (labels.float() @ labels.float().t()).fill_diagonal_(1)
+    else:
+        same = (labels[:, None] == labels[None, :]).float()
+    return (same * (1 - cos) + (1 - same) * (cos - margin).clamp(min=0)).sum() / len(z) ** 2
 
 
 def overlap_patch_embed(model: nn.Module, stride: int) -> None:

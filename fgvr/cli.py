@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 
-from fgvr.runtime.errors import FgvrError, RunInterrupted, first_line
+from fgvr.runtime.errors import ConfigError, FgvrError, RunInterrupted, first_line
 
 USAGE = """\
 usage: fgvr <command> [hydra overrides] [--help]
@@ -26,6 +26,8 @@ commands:
   viz     draw heat maps, boxes and crops for n images      e.g. fgvr viz ckpt=outputs/<date>/<run dir> n=16
   bench   time training and eval steps of a composed run   e.g. fgvr bench selector=glsim bench.out=bench.json
           (img/s of the whole loop and of the model alone, ms per step by phase, peak memory, MFU)
+  predict top-k classes and regions for new images       e.g. fgvr predict ckpt=<run dir> input=photos/ out=preds.csv
+  export  the whole model as ONNX, TorchScript or .pt2     e.g. fgvr export ckpt=<run dir> format=onnx
   data    the benchmarks: list, download, check, stats      e.g. fgvr data download cub --root ~/data
   table   mean ± std over seeds from run dirs or sweeps     e.g. fgvr table outputs/multirun/2026-11-22/10-00-00
 
@@ -33,7 +35,7 @@ commands:
 `fgvr train --cfg job` prints the config without running.
 """
 
-COMMANDS = ("train", "eval", "viz", "bench", "data", "table")
+COMMANDS = ("train", "eval", "viz", "predict", "export", "bench", "data", "table")
 log = logging.getLogger("fgvr")
 
 
@@ -119,16 +121,19 @@ def _hydra_app(command: str):
     from fgvr.runtime.config import config_dir, register_schemas
 
     register_schemas(bench=command == "bench")
-    task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task, "bench": _bench_task}[command]
+    task = {"train": _train_task, "eval": _eval_task, "viz": _viz_task, "predict": _predict_task,
+            "export": _export_task, "bench": _bench_task}[command]
     return hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)
 
 
 def _train_task(cfg) -> float | None:
+    """Train one run; returns its best_val_acc, the objective a sweeper (hydra/sweeper=optuna) maximises."""
     from fgvr.engine.trainer import train
     from fgvr.runtime.tracker import run_info
 
     run, multirun = run_info(cfg.name), _is_multirun()
     try:
+        _check_objective(cfg)
         results = train(cfg, run)
     except Exception as e:
         if not multirun:
@@ -151,7 +156,16 @@ def _train_task(cfg) -> float | None:
         if not multirun:
             _exit_on_user_error("train", error)  # here, or Hydra adds a line of its own
         raise error
-    return results["test_acc"]
+    return results["best_val_acc"]
+
+
+def _check_objective(cfg) -> None:
+    """An Optuna search maximises best_val_acc: a run without a val split has none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "optuna" in HydraConfig.get().sweeper.get("_target_", "") and cfg.data.val_fraction == 0:
+        raise ConfigError("hydra/sweeper=optuna maximises best_val_acc, and data.val_fraction=0 leaves no val "
+                          "split; set data.val_fraction>0 (the test split never decides a search)")
 
 
 def _eval_task(cfg) -> None:
@@ -164,6 +178,18 @@ def _viz_task(cfg) -> None:
     from fgvr.commands.viz import visualise
 
     _report_user_errors("viz", visualise, cfg)
+
+
+def _predict_task(cfg) -> None:
+    from fgvr.commands.predict import predict
+
+    _report_user_errors("predict", predict, cfg)
+
+
+def _export_task(cfg) -> None:
+    from fgvr.commands.export import export
+
+    _report_user_errors("export", export, cfg)
 
 
 def _bench_task(cfg) -> None:
@@ -214,6 +240,8 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
         return f"{e.filename}: {e.strerror}", 1  # e.g. hydra.run.dir or out= on a read-only or full disk
     if type(e).__module__.startswith("submitit."):  # the launcher gave up on a SLURM (or local) job
         return _job_error(str(e)), 1
+    if isinstance(e, ValueError) and str(e) == "No trials are completed yet." and _raised_in(e, "optuna"):
+        return "every trial of the Optuna study failed (the sweep's runs are listed above)", 1
     if isinstance(e, MissingConfigException):
         return _missing_option(e), 2
     if isinstance(e, OverrideParseException):
@@ -229,6 +257,14 @@ def user_error(e: BaseException, command: str) -> tuple[str | None, int]:
         return ("an override sets a key inside a section that is null in this config (e.g. data.synth.* with "
                 "data=cub); drop it or pick the option that has that section (fgvr train --cfg job shows them)"), 2
     return None, 0
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+    """Whether `e` was raised by code of `package`."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"/{package}/" in tb.tb_frame.f_code.co_filename
 
 
 def _job_error(message: str) -> str:
@@ -281,9 +317,10 @@ def _schema_keys(command: str, parent: str) -> list[str]:
     import dataclasses
     import typing
 
-    from fgvr.runtime.config import BenchConfig, EvalConfig, TrainConfig, VizConfig
+    from fgvr.runtime.config import BenchConfig, EvalConfig, ExportConfig, PredictConfig, TrainConfig, VizConfig
 
-    node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig, "bench": BenchConfig}[command]
+    node = {"train": TrainConfig, "eval": EvalConfig, "viz": VizConfig, "predict": PredictConfig,
+            "export": ExportConfig, "bench": BenchConfig}[command]
     for part in filter(None, parent.split(".")):
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []

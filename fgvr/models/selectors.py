@@ -176,7 +176,7 @@ class CenterSelector(GLSimSelector):
         h, w = image_hw
         half_w, half_h = side.clamp(max=w) / 2, side.clamp(max=h) / 2
         box = torch.stack([w / 2 - half_w, h / 2 - half_h, w / 2 + half_w, h / 2 + half_h])
-        return Selection(box.expand(len(glsim), 4), None)
+        return Selection(box.expand(glsim.shape[0], 4), None)  # shape[0], not len(): an export keeps it symbolic
 
 
 class OracleSelector(Selector):

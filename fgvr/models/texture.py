@@ -285,10 +285,10 @@ class TextureEncoder(nn.Module):
         go through in blocks whose responses hold about CPU_BLOCK values: a whole batch's (~100 MB)
         would be fresh memory, page-faulted in by every op, and cost several times the arithmetic."""
         kernels, knots = self.bank.kernels(), self.hist.knots()
-        block = len(regions)
-        if regions.device.type == "cpu":
-            h, w = (side // self.bank.stride for side in regions.shape[-2:])
-            block = max(1, CPU_BLOCK // (regions.shape[1] * self.bank.num_filters * h * w))
+        if regions.device.type != "cpu" or torch.compiler.is_exporting():  # an export keeps the batch size free
+            return self.hist(self.bank(regions, kernels), knots)
+        h, w = (side // self.bank.stride for side in regions.shape[-2:])
+        block = max(1, CPU_BLOCK // (regions.shape[1] * self.bank.num_filters * h * w))
         parts = [self.hist(self.bank(r, kernels), knots) for r in regions.split(block)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -439,7 +439,7 @@ class GaborTexture(nn.Module):
     def regions(self, tokens: Tokens, image_hw: tuple[int, int], glsim_boxes: torch.Tensor | None) -> Regions:
         if self.gate is not None:
             return self.gate(tokens, image_hw)
-        return Regions(glsim_boxes[:, None], glsim_boxes.new_ones(len(glsim_boxes), 1))
+        return Regions(glsim_boxes[:, None], glsim_boxes.new_ones(glsim_boxes.shape[0], 1))
 
     def crops(self, pixels: torch.Tensor, boxes: torch.Tensor, antialias: int = 1) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] and (B, K, 4) boxes in their coordinates -> (B, K, C, S, S)

@@ -228,7 +228,7 @@ class CAL(Method):
         with self.stage("crop_pass"):
             mean_map = maps.mean(1, keepdim=True)
             for theta, padding in settings:
-                theta_all = torch.full((len(views),), theta, device=x.device)
+                theta_all = torch.full((views.shape[0],), theta, device=x.device)
                 boxes[theta, padding] = crop_boxes(mean_map, theta_all, image_hw, padding)
                 total = total + self.head(self.features(backbone, crop(views, boxes[theta, padding], image_hw)))[2]
         total = total / (len(settings) + 1)

@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 
-from fgvr.runtime.errors import ConfigError, FgvrError, RunInterrupted, first_line
+from fgvr.runtime.errors import FgvrError, RunInterrupted, first_line
 
 USAGE = """\
 usage: fgvr <command> [hydra overrides] [--help]
@@ -133,7 +133,6 @@ def _train_task(cfg) -> float | None:
 
     run, multirun = run_info(cfg.name), _is_multirun()
     try:
-        _check_objective(cfg)
         results = train(cfg, run)
     except Exception as e:
         if not multirun:
@@ -158,14 +157,6 @@ def _train_task(cfg) -> float | None:
         raise error
     return results["best_val_acc"]
 
-
-def _check_objective(cfg) -> None:
-    """An Optuna search maximises best_val_acc: a run without a val split has none."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if "optuna" in HydraConfig.get().sweeper.get("_target_", "") and cfg.data.val_fraction == 0:
-        raise ConfigError("hydra/sweeper=optuna maximises best_val_acc, and data.val_fraction=0 leaves no val "
-                          "split; set data.val_fraction>0 (the test split never decides a search)")
 
 
 def _eval_task(cfg) -> None:

@@ -110,6 +110,8 @@ def output_file(out: str | None, fmt: str) -> Path:
         raise ConfigError(f"{shown}: the folder {folder} does not exist; create it or give out= another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{shown}: cannot write into {folder} (permission denied); give out= another path")
+    if path.is_dir():
+        raise ConfigError(f"{shown}: that is a folder; give out= a file path, e.g. {path / f'predictions.{fmt}'}")
     if path.exists() and not is_prediction(path):
         raise ConfigError(f"{shown}: something else is there already (not an earlier output of fgvr predict); "
                           "give out= another path")
@@ -136,9 +138,7 @@ def list_images(spec: str) -> tuple[list[str], list[str]]:
     """(each image as the path column names it, the file to read) for an image, a folder or a CSV."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ConfigError(f"input={spec}: cannot read that folder (permission denied)")
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(folder_images(spec, path))
         if not files:
             raise ConfigError(f"input={spec}: no images in that folder or below it ({' '.join(IMAGE_SUFFIXES)})")
         return files, files
@@ -151,6 +151,17 @@ def list_images(spec: str) -> tuple[list[str], list[str]]:
         return [spec], [str(path)]
     raise ConfigError(f"input={spec}: not an image ({' '.join(IMAGE_SUFFIXES)}), a folder of them or a CSV with a "
                       "path column")
+
+
+def folder_images(spec: str, path: Path) -> Iterator[str]:
+    """The image files in a folder and below it; a folder that cannot be read is an error, not skipped."""
+    def unreadable(e: OSError) -> None:
+        raise ConfigError(f"input={spec}: cannot read {e.filename} ({e.strerror}); fix its permissions or "
+                          "predict on another folder")
+
+    for root, _, names in os.walk(path, onerror=unreadable):
+        yield from (os.path.join(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES
+                    and os.path.isfile(os.path.join(root, n)))
 
 
 def csv_paths(spec: str, path: Path) -> list[str]:

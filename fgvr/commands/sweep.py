@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,18 @@ def format_summary(sweep_dir: Path, runs: list[RunStatus]) -> str:
     width = max((len(r.overrides) for r in runs), default=0)
     lines = [f"  {r.status:<11} {r.overrides:<{width}}  {r.dir}  {r.detail}" for r in runs]
     return "\n".join([head, *lines])
+
+
+class SearchCheck(Callback):
+    """Before a multirun launches anything: a search by hydra/sweeper=optuna maximises best_val_acc,
+    which a run without a val split does not have. Hydra turns a callback's exception into a warning,
+    so this one ends the command itself, in one line (exit 2)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if "optuna" in config.hydra.sweeper.get("_target_", "") and config.data.val_fraction == 0:
+            print("fgvr train: error: hydra/sweeper=optuna maximises best_val_acc, and data.val_fraction=0 leaves "
+                  "no val split (the test split never decides a search); set data.val_fraction=0.1", file=sys.stderr)
+            sys.exit(2)
 
 
 class SweepSummary(Callback):

@@ -228,7 +228,7 @@ def cam_target(model: nn.Module, image_hw: tuple[int, int], block: int = -1) -> 
     (B, C, h, w) (None where it is one). A ViT: `block`'s norm1, the input of its attention (the
     patches reach the CLS token only through attention: at a block's output their gradient would
     be 0), its tokens laid out on the patch grid of `image_hw`. A CNN: its last feature map, timm's
-    last `feature_info` module (the input of global pooling)."""
+    last `feature_info` module (a ResNet's layer4; some models add a conv head after it)."""
     if not hasattr(model, "num_prefix_tokens"):
         return model.get_submodule(model.feature_info[-1]["module"]), None
     grid = patch_layout(model, image_hw)[0]

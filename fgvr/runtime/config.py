@@ -458,7 +458,9 @@ def with_defaults(config: dict, schema: type = TrainConfig) -> dict:
     for f in dataclasses.fields(schema):
         section = _section(hints[f.name])
         if f.name not in out and defaults[f.name] != MISSING:
-            out[f.name] = defaults[f.name]
+            # An absent section gets its keys' defaults, but not the ones it has none for ("???").
+            absent_section = section is not None and isinstance(defaults[f.name], dict)
+            out[f.name] = with_defaults({}, section) if absent_section else defaults[f.name]
         elif section is not None and isinstance(out.get(f.name), dict):
             out[f.name] = with_defaults(out[f.name], section)
     return out

@@ -34,7 +34,6 @@ def test_a_run_returns_best_val_acc_to_the_sweeper(monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda cfg, run: {"status": "finished", "best_val_acc": 61.0,
                                                             "test_acc": 99.0})
     monkeypatch.setattr(cli, "_is_multirun", lambda: True)
-    monkeypatch.setattr(cli, "_check_objective", lambda cfg: None)
     monkeypatch.setattr("fgvr.runtime.tracker.run_info", lambda name: None)
     assert cli._train_task(type("Cfg", (), {"name": "x"})()) == 61.0
 
@@ -58,3 +57,34 @@ def test_a_study_maximises_best_val_acc_and_goes_on_after_a_failed_trial(tmp_pat
     drawn = yaml.safe_load((sweep / "1" / ".hydra" / "overrides.yaml").read_text())[:3]
     assert drawn == [f"{k}={best['best_params'][k]}" for k in ("optim.lr", "optim.weight_decay",
                                                                 "trainer.label_smoothing")]
+
+
+def test_a_search_without_a_val_split_is_refused_before_any_trial(capsys):
+    from omegaconf import OmegaConf
+
+    from fgvr.commands.sweep import SearchCheck
+
+    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper."
+                                                                 "OptunaSweeper"}}, "data": {"val_fraction": 0.0}})
+    with pytest.raises(SystemExit) as stop:
+        SearchCheck().on_multirun_start(config)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("fgvr train: error: hydra/sweeper=optuna maximises best_val_acc, and "
+                                              "data.val_fraction=0 leaves no val split")
+    SearchCheck().on_multirun_start(OmegaConf.merge(config, {"data": {"val_fraction": 0.1}}))  # a val split: fine
+    SearchCheck().on_multirun_start(OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins."
+                                                                            "basic_sweeper.BasicSweeper"}},
+                                                      "data": {"val_fraction": 0.0}}))  # no search: fine
+
+
+def test_a_study_whose_every_trial_failed_ends_in_one_line():
+    import optuna
+
+    from fgvr.cli import user_error
+
+    study = optuna.create_study()
+    with pytest.raises(ValueError) as error:
+        study.best_trial  # what the sweeper asks at the end
+    assert user_error(error.value, "train") == (
+        "every trial of the Optuna study failed (the sweep's runs are listed above)", 1)
+    assert user_error(ValueError("No trials are completed yet."), "train") == (None, 0)  # not optuna's: a bug

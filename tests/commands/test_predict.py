@@ -171,7 +171,7 @@ def test_no_region_no_box_and_an_earlier_output_replaced_but_kept_on_ctrl_c(runs
     assert first.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]
 
 
-def test_bad_inputs_options_and_outputs_fail_in_one_line_before_any_work(runs, tmp_path):
+def test_bad_inputs_options_and_outputs_fail_in_one_line_before_any_work(runs, tmp_path, monkeypatch):
     ckpt = str(runs["center"])
     image = str(sorted((runs["root"] / "images").rglob("*.jpg"))[0])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -196,12 +196,25 @@ def test_bad_inputs_options_and_outputs_fail_in_one_line_before_any_work(runs, t
          f"out={tmp_path / 'notes.txt'}: something else is there already (not an earlier output of fgvr predict); "
          "give out= another path"),
         (dict(input=image, top_k=0), "top_k=0: must be >= 1"),
+        (dict(input=image, out=str(tmp_path / "empty")),
+         f"out={tmp_path / 'empty'}: that is a folder; give out= a file path, e.g. "
+         f"{tmp_path / 'empty' / 'predictions.csv'}"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError) as error:
             predict(_cfg(ckpt=ckpt, **kwargs))
         assert str(error.value) == message
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+    def walk_into_a_locked_folder(top, onerror):  # as os.walk does for a folder it may not list (tests run as root)
+        yield str(top), ["locked"], []
+        onerror(PermissionError(13, "Permission denied", str(top / "locked")))
+
+    monkeypatch.setattr("fgvr.commands.predict.os.walk", walk_into_a_locked_folder)
+    with pytest.raises(ConfigError) as error:
+        predict(_cfg(ckpt=ckpt, input=str(tmp_path / "empty")))
+    assert str(error.value) == (f"input={tmp_path / 'empty'}: cannot read {tmp_path / 'empty' / 'locked'} (Permission "
+                                "denied); fix its permissions or predict on another folder")
     assert not list(tmp_path.glob("*.csv.tmp*")) and not (tmp_path / "no").exists()
 
 

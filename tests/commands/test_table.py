@@ -256,3 +256,15 @@ def test_the_oracle_row_is_labelled_an_upper_bound(tmp_path):
     assert "| glsim | **80.00 (1)** |" in md
     assert "oracle: the ground-truth box as the crop" in md
     assert json.loads(render(table, "json"))["cells"][1]["row"] == ["oracle"]  # machine-readable: the plain name
+
+
+def test_keys_added_since_a_run_was_made_count_as_their_defaults(tmp_path):
+    """A run from before backbone.freeze and data.augment.mixup existed averages with one that states
+    them at their defaults; one that sets another value is kept apart."""
+    old = write_run(tmp_path / "old", seed=1, acc=90.0)
+    new = write_run(tmp_path / "new", seed=2, acc=91.0, config={"backbone.freeze": False, "data.augment.mixup": 0.0})
+    table = build_table([read_run_dir(old), read_run_dir(new)], rows=["selector"], cols=["dataset"])
+    assert table.varied == [] and [c.n for c in table.cells.values()] == [2]
+    frozen = write_run(tmp_path / "frozen", seed=3, acc=80.0, config={"backbone.freeze": True})
+    table = build_table([read_run_dir(r) for r in (old, new, frozen)], rows=["selector"], cols=["dataset"])
+    assert table.varied == ["backbone.freeze"]

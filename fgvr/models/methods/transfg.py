@@ -39,13 +39,14 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
     With class probabilities (B, C) for labels (mixed images), a pair is the same class with the
     probability that labels drawn from the two are (p_i . p_j; an image is always its own class):
     the hard term's expectation over such draws, and the hard term itself for one-hot rows."""
-    z = F.normalize(features.float(), dim=-1)
-    cos = z @ z.t()
-    if labels.is_floating_point():
-        same = (labels.float() @ labels.float().t()).fill_diagonal_(1)
-    else:
-        same = (labels[:, None] == labels[None, :]).float()
-    return (same * (1 - cos) + (1 - same) * (cos - margin).clamp(min=0)).sum() / len(z) ** 2
+    with torch.autocast(features.device.type, enabled=False):  # float32 even inside the run's bf16 autocast
+        z = F.normalize(features.float(), dim=-1)
+        cos = z @ z.t()
+        if labels.is_floating_point():
+            same = (labels.float() @ labels.float().t()).fill_diagonal_(1)
+        else:
+            same = (labels[:, None] == labels[None, :]).float()
+        return (same * (1 - cos) + (1 - same) * (cos - margin).clamp(min=0)).sum() / z.shape[0] ** 2
 
 
 def overlap_patch_embed(model: nn.Module, stride: int) -> None:

@@ -82,7 +82,7 @@ def test_eval_errors(tmp_path):
     proc = fgvr("eval", "ckpt=x", "splt=val", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "fgvr eval: error: splt: no such config key; valid keys: batch_size, ckpt, data_root, device, out, skip_bad, "
-        "split")
+        "split, tta")
     proc = fgvr("eval", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "fgvr eval: error: ckpt is required: pass ckpt=..."
 

@@ -71,7 +71,7 @@ class SearchCheck(Callback):
     so this one ends the command itself, in one line (exit 2)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        if "optuna" in config.hydra.sweeper.get("_target_", "") and config.data.val_fraction == 0:
+        if "optuna" in config.hydra.sweeper._target_ and config.data.val_fraction == 0:
             print("fgvr train: error: hydra/sweeper=optuna maximises best_val_acc, and data.val_fraction=0 leaves "
                   "no val split (the test split never decides a search); set data.val_fraction=0.1", file=sys.stderr)
             sys.exit(2)

@@ -38,6 +38,18 @@ def fgvr(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> sub
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny steps (`pytestmark = pytest.mark.usefixtures("one_thread")`): one thread runs them
+    as fast as two, and does not slow tenfold when other processes hold the cores (the threads' barriers spin)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def compose():
     """Compose the real train config with overrides, as `fgvr train` would (no run dir)."""

@@ -22,12 +22,7 @@ CLASSES = 4  # TINY's
 MIXUP, CUTMIX = "data.augment.mixup=1.0", "data.augment.cutmix=1.0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -52,11 +52,14 @@ def requirements_closure(roots) -> set[str]:
 
 
 def test_the_wheels_are_what_fgvr_needs_beyond_the_gpu_machines_packages(gpu_check):
-    """fgvr's dependencies but wandb and the SLURM launcher (the check uses neither), with everything
-    they need: each is the GPU machine's or needed by one of its packages, or a carried wheel; and
-    every wheel is needed (typing-extensions is carried anyway, for pydantic's minimum)."""
+    """fgvr's dependencies but those of commands the check does not run (wandb, the SLURM launcher, the
+    Optuna sweeper, viz's Grad-CAM, export's ONNX packages), with everything they need: each is the GPU
+    machine's or needed by one of its packages, or a carried wheel; and every wheel is needed
+    (typing-extensions is carried anyway, for pydantic's minimum)."""
+    unused = ("wandb", "hydra-submitit-launcher", "hydra-optuna-sweeper", "grad-cam", "onnx", "onnxscript",
+              "onnxruntime")
     roots = [r for r in metadata.requires("fgvr") if Requirement(r).marker is None  # not the dev extra
-             and _name(Requirement(r).name) not in ("wandb", "hydra-submitit-launcher")]
+             and _name(Requirement(r).name) not in unused]
     needed = requirements_closure(roots)
     present = requirements_closure(gpu_check.GPU_IMAGE)
     wheels = {_name(w) for w in gpu_check.WHEELS}
